@@ -1,0 +1,183 @@
+"""Run records: one JSON file per run, named by the hash of its configuration.
+
+A record holds the configuration, seed, results, per-epoch curves, timings and provenance (package,
+Python, torch, CUDA versions, device name, threads, git commit and dirty flag). ``run_id`` is a hash of
+the canonical configuration, so re-running a finished configuration is a no-op. Files are written
+atomically (a temporary file renamed into place), so a reader never sees half a record.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import socket
+import subprocess
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dpai_lib.config import RunConfig
+
+SCHEMA = "dpai_lib.run/1"
+
+
+def run_id(config: RunConfig) -> str:
+    """First 16 hex digits of the SHA-256 of the canonical configuration JSON."""
+    blob = json.dumps(config.canonical(), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("w") as f:
+        json.dump(obj, f, indent=1, sort_keys=False, allow_nan=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def provenance(device: torch.device | str | None = None) -> dict[str, Any]:
+    """Where and with what a run was made."""
+    from dpai_lib import __version__
+
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cuda":
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        device_name = platform.processor() or platform.machine()
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    import torchvision
+
+    return {
+        "dpai_lib": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "cuda": torch.version.cuda if device.type == "cuda" else None,
+        "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
+        "device": str(device),
+        "device_name": device_name,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "hostname": socket.gethostname(),
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": None if status is None else bool(status),
+    }
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def load_record(path: str | os.PathLike) -> dict[str, Any]:
+    with Path(path).open() as f:
+        record = json.load(f)
+    if record.get("schema") != SCHEMA:
+        raise ValueError(f"{path}: not a dpai_lib run record (schema {record.get('schema')!r})")
+    return record
+
+
+def execute(
+    config: RunConfig,
+    records_dir: str | os.PathLike,
+    work_dir: str | os.PathLike | None = None,
+    *,
+    device: str = "auto",
+    progress: bool = True,
+    num_workers: int = 0,
+) -> tuple[Path, dict[str, Any]]:
+    """Prune and train one configuration; write ``records_dir/<run_id>.json``; return (path, record).
+
+    A finished record is returned as it is (the run is not repeated). Checkpoints and the mask file go to
+    ``work_dir/<run_id>/`` (default ``records_dir/work``), so an interrupted run resumes. A run that
+    raises is recorded with ``status: "failed"`` (``"interrupted"`` for Ctrl-C) and its error, then the exception propagates.
+    """
+    from dpai_lib import data as datamod
+    from dpai_lib.models import build_model
+    from dpai_lib.pruners import prune
+    from dpai_lib.seed import seed_everything
+    from dpai_lib.train import resolve_device, train
+
+    rid = run_id(config)
+    path = Path(records_dir) / f"{rid}.json"
+    if path.exists():
+        existing = load_record(path)
+        if existing["status"] in ("done", "diverged"):
+            return path, existing
+    work = Path(work_dir if work_dir is not None else Path(records_dir) / "work") / rid
+    dev = resolve_device(device)
+    record: dict[str, Any] = {"schema": SCHEMA, "run_id": rid, "status": "running", "error": None,
+                              "config": config.canonical(), "seed": config.seed, "results": {}, "curves": [],
+                              "timings": {"started": _now()}, "provenance": provenance(dev)}
+    t_start = time.perf_counter()
+    try:
+        record["determinism"] = seed_everything(config.seed, config.deterministic)
+        dc = config.data
+        train_set = datamod.load_tensors(dc.name, "train", dc.data_dir, download=dc.download, **dc.options) \
+            if datamod.dataset_info(dc.name, **dc.options).in_memory else \
+            datamod.get_dataset(dc.name, "train", dc.data_dir, download=dc.download, **dc.options)
+        test_set = datamod.load_tensors(dc.name, "test", dc.data_dir, download=dc.download, **dc.options) \
+            if isinstance(train_set, datamod.TensorData) else \
+            datamod.get_dataset(dc.name, "test", dc.data_dir, download=dc.download, **dc.options)
+        if dc.train_subset is not None:
+            train_set = _subset(train_set, dc.train_subset, config.seed)
+        info = datamod.dataset_info(dc.name, **dc.options)
+        model = build_model(config.model.name, info.num_classes, **config.model.options)
+        t0 = time.perf_counter()
+        masks = prune(model, config.prune.method, config.prune.sparsity, seed=config.seed,
+                      input_shape=(info.channels, info.image_size, info.image_size), **config.prune.options)
+        record["timings"]["prune_s"] = time.perf_counter() - t0
+        masks.save(work / "masks.safetensors", metadata={"run_id": rid})
+        record["results"]["masks"] = masks.summary()
+        result = train(model, masks, train_set, test_set, config.train, seed=config.seed, device=dev,
+                       checkpoint_path=work / "checkpoint.pt", progress=progress, num_workers=num_workers)
+        record["status"] = "done" if result.status == "completed" else "diverged"
+        record["error"] = result.stop_reason
+        record["curves"] = result.curves
+        record["results"].update(final_test_acc=result.final_test_acc, best_test_acc=result.best_test_acc,
+                                 best_epoch=result.best_epoch, epochs_run=result.epochs_run,
+                                 resumed_from_epoch=result.resumed_from_epoch)
+        record["timings"]["train_s"] = result.train_seconds
+        record["timings"]["train_images_per_s"] = result.train_images / result.train_seconds if result.train_seconds else None
+    except BaseException as exc:
+        record["status"] = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        record["error"] = f"{type(exc).__name__}: {exc}"
+        record["traceback"] = traceback.format_exc()
+        record["timings"].update(finished=_now(), total_s=time.perf_counter() - t_start)
+        write_json_atomic(path, record)
+        raise
+    record["timings"].update(finished=_now(), total_s=time.perf_counter() - t_start)
+    write_json_atomic(path, record)
+    return path, record
+
+
+def _subset(data, n: int, seed: int):
+    from torch.utils.data import Subset
+
+    from dpai_lib.data import TensorData
+
+    if n > len(data):
+        raise ValueError(f"train_subset={n} exceeds the {len(data)} training images")
+    idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    if isinstance(data, TensorData):
+        return TensorData(data.images[idx].contiguous(), data.labels[idx].contiguous(), data.info)
+    return Subset(data, idx.tolist())
