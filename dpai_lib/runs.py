@@ -115,7 +115,7 @@ def execute(
     from dpai_lib.models import build_model
     from dpai_lib.pruners import prune
     from dpai_lib.seed import seed_everything
-    from dpai_lib.train import resolve_device, train
+    from dpai_lib.trainer import resolve_device, train
 
     rid = run_id(config)
     path = Path(records_dir) / f"{rid}.json"

@@ -204,7 +204,7 @@ def train(
             if step % check_every == 0 or step == n_train - 1:
                 if not torch.isfinite(loss):
                     result.status = "diverged"
-                    result.stop_reason = f"non-finite training loss ({float(loss)}) at epoch {epoch + 1}, batch {step + 1}"
+                    result.stop_reason = f"non-finite training loss ({float(loss.detach())}) at epoch {epoch + 1}, batch {step + 1}"
                     epochs.close()
                     bar.close()
                     enforcer.remove()

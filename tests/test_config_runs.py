@@ -1,0 +1,110 @@
+"""Run configuration errors, run ids, run records and the command line."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import run_dict
+from dpai_lib.config import ConfigError, load_config, validate_config
+from dpai_lib.data import DatasetNotFoundError
+from dpai_lib.runs import execute, load_record, run_id
+
+
+def test_unknown_key_names_it_the_allowed_keys_and_a_close_match():
+    raw = run_dict()
+    raw["train"] = raw["train"] | {"learning_rate": 0.1}
+    with pytest.raises(ConfigError) as err:
+        validate_config(raw)
+    msg = str(err.value)
+    assert "train.learning_rate: unknown key" in msg
+    assert "allowed keys here: amp, batch_size" in msg and "lr_drops" in msg
+
+    raw = run_dict()
+    raw["prune"] = raw["prune"] | {"sparsty": 0.9}
+    with pytest.raises(ConfigError, match="did you mean 'sparsity'"):
+        validate_config(raw)
+
+
+def test_mistyped_and_missing_values_are_named():
+    raw = run_dict()
+    raw["train"] = raw["train"] | {"lr": "fast"}
+    with pytest.raises(ConfigError, match=r"train\.lr: .*got 'fast'"):
+        validate_config(raw)
+    raw = run_dict()
+    del raw["train"]["weight_decay"]
+    with pytest.raises(ConfigError, match="train.weight_decay: required key is missing"):
+        validate_config(raw)
+    raw = run_dict(prune={"method": "random", "sparsity": 99})
+    with pytest.raises(ConfigError, match="prune.sparsity"):
+        validate_config(raw)
+    raw = run_dict()
+    raw["train"] = raw["train"] | {"lr_drops": [120, 60]}
+    with pytest.raises(ConfigError, match="strictly increasing"):
+        validate_config(raw)
+
+
+def test_yaml_loading_and_frozen(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(run_dict()))
+    cfg = load_config(path)
+    with pytest.raises(Exception):
+        cfg.seed = 3
+    with pytest.raises(ConfigError, match="no configuration file"):
+        load_config(tmp_path / "missing.yaml")
+    path.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(path)
+
+
+def test_run_id_is_a_stable_content_hash():
+    a, b = validate_config(run_dict()), validate_config(run_dict())
+    assert run_id(a) == run_id(b) and len(run_id(a)) == 16
+    assert run_id(validate_config(run_dict(seed=1))) != run_id(a)
+    # defaults are part of the hash: writing a default explicitly changes nothing
+    explicit = run_dict()
+    explicit["train"] = explicit["train"] | {"amp": True}
+    assert run_id(validate_config(explicit)) == run_id(a)
+
+
+def test_execute_writes_a_complete_record_and_skips_a_finished_run(tmp_path):
+    cfg = validate_config(run_dict())
+    path, record = execute(cfg, tmp_path / "records", device="cpu", progress=False)
+    assert path.name == f"{run_id(cfg)}.json"
+    on_disk = load_record(path)
+    assert on_disk == json.loads(json.dumps(record))
+    assert on_disk["status"] == "done" and on_disk["config"] == cfg.canonical() and on_disk["seed"] == 0
+    assert set(on_disk["provenance"]) >= {"dpai_lib", "torch", "cuda", "device_name", "git_commit", "git_dirty"}
+    assert on_disk["determinism"]["deterministic"] is True
+    res = on_disk["results"]
+    assert res["epochs_run"] == 1 and 0 <= res["final_test_acc"] <= 1
+    assert res["masks"]["sparsity"] == pytest.approx(0.9, abs=2e-3)
+    assert len(on_disk["curves"]) == 1 and on_disk["timings"]["prune_s"] >= 0
+    assert (tmp_path / "records" / "work" / run_id(cfg) / "masks.safetensors").exists()
+    assert not list((tmp_path / "records").glob(".*.tmp"))
+    _, again = execute(cfg, tmp_path / "records", device="cpu", progress=False)
+    assert again["timings"] == on_disk["timings"]  # not re-run
+
+
+def test_missing_data_is_a_clear_error_and_a_failed_record(tmp_path):
+    cfg = validate_config(run_dict(data={"name": "cifar10", "data_dir": str(tmp_path / "nowhere")}))
+    with pytest.raises(DatasetNotFoundError) as err:
+        execute(cfg, tmp_path / "records", device="cpu", progress=False)
+    assert str(tmp_path / "nowhere") in str(err.value)
+    record = load_record(tmp_path / "records" / f"{run_id(cfg)}.json")
+    assert record["status"] == "failed" and "DatasetNotFoundError" in record["error"]
+
+
+def test_command_line_trains_and_prints_the_record(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(run_dict()))
+    out = subprocess.run([sys.executable, "-m", "dpai_lib", "train", str(path), "--records", str(tmp_path / "r"),
+                          "--device", "cpu", "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert f"run record: {tmp_path / 'r'}" in out.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(run_dict(seeds=[1])))
+    out = subprocess.run([sys.executable, "-m", "dpai_lib", "train", str(bad)], capture_output=True, text=True)
+    assert out.returncode != 0 and "seeds: unknown key" in out.stderr
