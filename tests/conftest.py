@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
 def train_cfg(**overrides):

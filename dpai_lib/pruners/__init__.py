@@ -32,7 +32,13 @@ def register_pruner(name: str, *, needs_data: bool) -> Callable[[Callable[..., M
 
 
 def _load_builtin() -> None:
-    from dpai_lib.pruners import random  # noqa: F401
+    # Every public module of this package defines (and so registers) one pruner.
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
 
 
 def list_pruners() -> list[str]:

@@ -1,0 +1,67 @@
+"""From scores to masks: exact-k selection with a deterministic tie-break, global or per layer.
+
+Higher score = keep. ``ties="exact"`` keeps exactly the requested number, breaking ties by position
+(earlier layers, then lower flat index, win) - deterministic on every device. ``ties="prune_all"``
+reproduces Synaptic-Flow/NPB: the threshold is the k-th smallest score and every weight scoring at or
+below it is pruned, so ties can remove more weights than asked.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+
+from dpai_lib.masks import Masks
+from dpai_lib.sparsity import kept_count, layer_kept_counts
+
+SCOPES = ("global", "layer")
+TIES = ("exact", "prune_all")
+
+
+def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}")
+    return value
+
+
+def topk_mask(scores: torch.Tensor, k: int, ties: str = "exact") -> torch.Tensor:
+    """Bool mask of the ``k`` highest entries of ``scores`` (same shape, same device)."""
+    check_choice("ties", ties, TIES)
+    flat = scores.detach().flatten()
+    n = flat.numel()
+    if not 0 <= k <= n:
+        raise ValueError(f"cannot keep {k} of {n} weights")
+    if ties == "prune_all":
+        n_prune = n - k
+        if n_prune == 0:
+            return torch.ones_like(scores, dtype=torch.bool)
+        threshold = flat.float().kthvalue(n_prune).values
+        return (scores > threshold).reshape(scores.shape)
+    keep = torch.zeros(n, dtype=torch.bool, device=flat.device)
+    order = torch.sort(flat, descending=True, stable=True).indices
+    keep[order[:k]] = True
+    return keep.reshape(scores.shape)
+
+
+def masks_from_scores(
+    scores: Mapping[str, torch.Tensor], sparsity: float, *, scope: str = "global", budget: str = "erk",
+    ties: str = "exact",
+) -> Masks:
+    """Keep the highest scores: one ranking over all tensors (``global``) or per tensor with the
+    layer-wise ``budget`` (``layer``: ``erk`` or ``uniform``). Kept counts use
+    :func:`dpai_lib.sparsity.kept_count` (global) or :func:`~dpai_lib.sparsity.layer_kept_counts`."""
+    check_choice("scope", scope, SCOPES)
+    if scope == "layer":
+        counts = layer_kept_counts({n: s.shape for n, s in scores.items()}, sparsity, budget)
+        return Masks({n: topk_mask(s, counts[n], ties) for n, s in scores.items()})
+    names = list(scores)
+    flat = torch.cat([scores[n].detach().flatten().float() for n in names])
+    mask = topk_mask(flat, kept_count(flat.numel(), 1.0 - sparsity), ties)
+    out, start = {}, 0
+    for n in names:
+        size = math.prod(scores[n].shape)
+        out[n] = mask[start:start + size].reshape(scores[n].shape)
+        start += size
+    return Masks(out)
