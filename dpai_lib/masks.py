@@ -61,10 +61,15 @@ def _as_bool(name: str, value: Any) -> torch.Tensor:
 
 
 class Masks(Mapping[str, torch.Tensor]):
-    """Immutable mapping parameter name -> bool tensor (``True`` = kept), stored on the CPU."""
+    """Immutable mapping parameter name -> bool tensor (``True`` = kept), stored on the CPU.
 
-    def __init__(self, masks: Mapping[str, Any]) -> None:
+    ``meta`` carries what the pruner that made the masks wants to report (e.g. DPaI's per-step trace);
+    it is not part of the masks' value and is not saved to files.
+    """
+
+    def __init__(self, masks: Mapping[str, Any], meta: Mapping[str, Any] | None = None) -> None:
         self._masks: dict[str, torch.Tensor] = {str(n): _as_bool(str(n), m) for n, m in masks.items()}
+        self.meta: dict[str, Any] = dict(meta or {})
 
     # -- constructors -----------------------------------------------------------------------------
     @classmethod

@@ -1,0 +1,249 @@
+"""DPaI: differentiable pruning at initialisation with the node-path balance principle.
+
+Xiang, Nguyen-Tri, Nguyen, Pham, Than, Tran-Thanh, Wen, ICLR 2025. Implemented as the official release
+does it (``npb.py`` of ``QuanNguyen-Tri/DPaI``; see ``shared/reference/dpai_paper.md`` §1.2-1.3):
+
+* one score per prunable weight, ``s ~ N(0, 1)`` (or ``init_scores``); the mask of layer ``l`` keeps
+  the ``k_l`` largest ``|s|``, ``k_l`` from the ERK (or uniform) budget, recomputed at every step;
+* the path count ``R_P`` is measured by forwarding an all-ones input of the data set's resolution
+  through the network with the masks as weights, no biases, and norms / activations / dropout as
+  identities (``path_count="release"``: every conv/linear divides its input by its maximum and the
+  log-maxima are added back, exact for chains and approximate on residual networks; ``"exact"``: the
+  exact log-space count of :class:`dpai_lib.metrics.PathCounter`, right on residual networks too);
+* ``g = d log R_P / d s`` by the straight-through estimator (``dm/ds = sign(s)``); a weight is
+  effective if ``|d log R_P / d m| * m > 0``; node (output channel) and kernel (out, in pair; a single
+  weight for linear layers) indicators mark the effective ones;
+* the score gradient ``-[(1-a) g + a((1-b) g (1-node_ok) + b g (1-kernel_ok))]`` feeds Adam at a
+  constant learning rate for ``steps`` steps (the release creates a MultiStepLR but never steps it).
+
+Beyond the release: ``init_scores``, ``path_count="exact"``, and exact-k selection that is identical to
+a full sort of ``|s|`` whenever no two scores tie (it uses ``kthvalue``, O(n), instead of sorting every
+layer at every step). Defaults are the release's run script (``experiments/run.sh``: alpha 0.99,
+beta 0.5, lr 0.005, 3000 steps), its example for ResNet-20 / CIFAR-10.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+from torch.func import functional_call
+from tqdm.auto import tqdm
+
+from dpai_lib.masks import Masks, prunable_parameters
+from dpai_lib.pruners import register_pruner
+from dpai_lib.pruners._select import check_choice, topk_mask
+from dpai_lib.sparsity import layer_kept_counts
+
+# Modules that are identities in the pruning forward (as in the release; GELU is kept, as there).
+IDENTITY_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.ReLU, nn.ReLU6, nn.SiLU, nn.Sigmoid,
+    nn.Hardswish, nn.Hardsigmoid, nn.LogSoftmax, nn.Dropout,
+)
+PATH_COUNTS = ("release", "exact")
+
+
+def _identity_types() -> tuple[type[nn.Module], ...]:
+    from torchvision.ops import SqueezeExcitation, StochasticDepth
+
+    return IDENTITY_TYPES + (StochasticDepth, SqueezeExcitation)
+
+
+def pruning_copy(model: nn.Module) -> nn.Module:
+    """A deep copy in eval mode whose norms, activations, dropout and SE blocks are identities and
+    whose ``pos_embedding`` tensors are zero (the release's pruning network)."""
+    net = copy.deepcopy(model).eval()
+    kinds = _identity_types()
+    for parent in list(net.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, kinds):
+                setattr(parent, name, nn.Identity())
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(getattr(module, "pos_embedding", None), torch.Tensor):
+                module.pos_embedding.zero_()
+    return net
+
+
+class ReleasePathCount:
+    """``log R_P`` as the release computes it: each conv/linear divides its input by the input's
+    maximum; ``log R_P = log(sum(output)) + sum(log maxima)``."""
+
+    def __init__(self, model: nn.Module, input_shape: tuple[int, ...]) -> None:
+        self.net = pruning_copy(model)
+        self.names = list(prunable_parameters(self.net))
+        self.logs: list[torch.Tensor] = []
+        device = next(self.net.parameters()).device
+        self.x = torch.ones(1, *input_shape, device=device)
+        self.zero_biases = {n: torch.zeros_like(p) for n, p in self.net.named_parameters() if n.endswith("bias")}
+        for module in self.net.modules():
+            if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+                module.register_forward_pre_hook(self._normalise)
+
+    def _normalise(self, module: nn.Module, args: tuple) -> tuple:
+        x = args[0]
+        c = x.max()
+        self.logs.append(torch.log(c))
+        return (x / c, *args[1:])
+
+    def __call__(self, weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        self.logs = []
+        out = functional_call(self.net, {**self.zero_biases, **weights}, (self.x,))
+        return torch.log(out.sum()) + torch.stack(self.logs).sum()
+
+
+def _kth_mask(abs_scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the ``k`` largest entries: a threshold by ``kthvalue`` (exact when there are no ties at it),
+    else a stable sort."""
+    n = abs_scores.numel()
+    if k >= n:
+        return torch.ones_like(abs_scores, dtype=torch.bool)
+    if k == 0:
+        return torch.zeros_like(abs_scores, dtype=torch.bool)
+    threshold = abs_scores.flatten().kthvalue(n - k).values
+    mask = abs_scores > threshold
+    if int(torch.count_nonzero(mask)) != k:
+        mask = topk_mask(abs_scores, k)
+    return mask
+
+
+class _TrackedTopK:
+    """Top-k of one layer's ``|s|`` at every step, searching near the previous threshold.
+
+    Scores move little per Adam step, so the k-th largest value stays close to where it was: count
+    the entries above ``t + w`` and inside ``(t - w, t + w]``; if the k-th largest lies in that band,
+    select inside the (small) band only; otherwise widen ``w`` and try again, or fall back to
+    :func:`_kth_mask`. The result is the same mask as a full sort whenever no two scores tie.
+    """
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.threshold: float | None = None
+        self.width = 1e-3
+
+    def __call__(self, a: torch.Tensor) -> torch.Tensor:
+        n, k = a.numel(), self.k
+        if k >= n or k == 0 or self.threshold is None:
+            return self._full(a)
+        for _ in range(4):
+            lo, hi = self.threshold - self.width, self.threshold + self.width
+            above = int(torch.count_nonzero(a > hi))
+            in_band = (a > lo) & (a <= hi)
+            band_n = int(torch.count_nonzero(in_band))
+            if above <= k < above + band_n:  # the boundary lies strictly inside the band
+                band = a[in_band]
+                t = float(band.kthvalue(band_n - (k - above)).values)
+                mask = a > t
+                if int(torch.count_nonzero(mask)) == k:
+                    self.threshold = t
+                    return mask
+                break
+            self.width *= 4
+        return self._full(a)
+
+    def _full(self, a: torch.Tensor) -> torch.Tensor:
+        mask = _kth_mask(a, self.k)
+        if 0 < self.k < a.numel():
+            self.threshold = float(a[~mask].max())
+        return mask
+
+
+def _indicators(g_mask: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Node (output unit) and kernel indicators of the effective weights (``|g| * m > 0``), shaped to
+    broadcast against the weight: ``(out, 1, ...)`` and ``(out, in, 1, ...)`` (linear: per weight)."""
+    eff = (g_mask != 0) & mask
+    if eff.dim() > 2:  # conv: (out, in, *kernel)
+        kernel = eff.flatten(2).any(2)
+        node = kernel.any(1)
+        return node.view(-1, *([1] * (eff.dim() - 1))), kernel.view(*kernel.shape, *([1] * (eff.dim() - 2)))
+    return eff.any(1).view(-1, 1), eff
+
+
+@register_pruner("dpai", needs_data=False)
+def dpai_prune(
+    model: nn.Module,
+    sparsity: float,
+    *,
+    input_shape: tuple[int, ...],
+    data=None,
+    seed: int = 0,
+    alpha: float = 0.99,
+    beta: float = 0.5,
+    lr: float = 0.005,
+    steps: int = 3000,
+    budget: str = "erk",
+    path_count: str = "release",
+    init_scores: Mapping[str, torch.Tensor] | None = None,
+    trace: bool = True,
+    progress: bool = False,
+) -> Masks:
+    """DPaI masks; ``masks.meta["trace"]`` holds the per-step objective, log paths, nodes, kernels."""
+    check_choice("path_count", path_count, PATH_COUNTS)
+    for name, value in (("alpha", alpha), ("beta", beta)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1]; got {value!r}")
+    if steps < 0 or lr <= 0:
+        raise ValueError(f"steps must be >= 0 and lr > 0; got steps={steps!r}, lr={lr!r}")
+    params = prunable_parameters(model)
+    device = next(iter(params.values())).device
+    counts = layer_kept_counts({n: p.shape for n, p in params.items()}, sparsity, budget)
+    gen = torch.Generator().manual_seed(seed)
+    scores = {}
+    for name, p in params.items():
+        if init_scores is not None:
+            if name not in init_scores or tuple(init_scores[name].shape) != tuple(p.shape):
+                raise ValueError(f"init_scores must give a tensor of shape {tuple(p.shape)} for {name!r}")
+            s = init_scores[name].detach().to(device=device, dtype=torch.float32).clone()
+        else:
+            s = torch.randn(p.shape, generator=gen).to(device)
+        scores[name] = s.requires_grad_(True)
+    if path_count == "exact":
+        from dpai_lib.metrics import PathCounter
+
+        counter = PathCounter(pruning_copy(model), input_shape)
+    else:
+        counter = ReleasePathCount(model, input_shape)
+    optimizer = torch.optim.Adam(list(scores.values()), lr=lr, fused=True)
+    selectors = {n: _TrackedTopK(counts[n]) for n in scores}
+    rows: list[dict[str, float]] = []
+    t0 = time.perf_counter()
+
+    def evaluate(update: bool) -> None:
+        with torch.no_grad():
+            masks = {n: selectors[n](s.abs()) for n, s in scores.items()}
+        weights = {n: m.to(torch.float32).requires_grad_(True) for n, m in masks.items()}
+        log_paths = counter(weights)
+        grads = torch.autograd.grad(log_paths, list(weights.values()), allow_unused=True)
+        nodes = kernels = 0
+        with torch.no_grad():
+            for (name, s), g in zip(scores.items(), grads):
+                g = torch.zeros_like(s) if g is None else g
+                node_ok, kernel_ok = _indicators(g, masks[name])
+                nodes += int(node_ok.sum())
+                kernels += int(kernel_ok.sum())
+                if update:
+                    # -[(1-a) g + a((1-b) g (1-node) + b g (1-kernel))] with g = dlogR/dm * sign(s); the
+                    # bracket is a per-kernel coefficient, so the full-size work is two multiplications
+                    coef = (1 - alpha) + alpha * (1 - beta) * (~node_ok) + alpha * beta * (~kernel_ok)
+                    s.grad = g.mul_(torch.sign(s)).mul_(-coef)
+        lp = float(log_paths.detach())
+        objective = (1 - alpha) * lp + alpha * ((1 - beta) * math.log(max(nodes, 1)) + beta * math.log(max(kernels, 1)))
+        if trace:
+            rows.append({"step": len(rows), "objective": objective, "log_paths": lp, "nodes": nodes,
+                         "kernels": kernels, "seconds": time.perf_counter() - t0})
+        if update:
+            optimizer.step()
+
+    evaluate(update=False)
+    for _ in tqdm(range(steps), desc="dpai", disable=not progress, unit="step"):
+        evaluate(update=True)
+    evaluate(update=False)
+    with torch.no_grad():
+        final = {n: _kth_mask(s.abs(), counts[n]).cpu() for n, s in scores.items()}
+    meta = {"method": "dpai", "trace": rows, "seconds": time.perf_counter() - t0,
+            "seconds_per_step": (time.perf_counter() - t0) / max(steps + 2, 1)}
+    return Masks(final, meta=meta)

@@ -1,0 +1,123 @@
+"""DPaI pruner: exact counts, selection identical to a full sort, the release's gradient, traces."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from dpai_lib import build_model, prune
+from dpai_lib.pruners._select import topk_mask
+from dpai_lib.pruners.dpai import ReleasePathCount, _TrackedTopK
+from dpai_lib.sparsity import layer_kept_counts
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 5), nn.BatchNorm1d(5), nn.Linear(5, 3))
+
+
+@pytest.mark.parametrize("sparsity", [0.6838, 0.9, 0.99])
+def test_exact_erk_counts_determinism_and_untouched_model(sparsity):
+    model = build_model("resnet20", 10)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    a = prune(model, "dpai", sparsity, input_shape=(3, 32, 32), steps=5, seed=3)
+    b = prune(model, "dpai", sparsity, input_shape=(3, 32, 32), steps=5, seed=3)
+    assert a.layer_kept() == layer_kept_counts(model, sparsity, "erk")
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert len(a.meta["trace"]) == 5 + 2 and a.meta["trace"][0]["step"] == 0
+
+
+def test_tracked_topk_equals_a_full_sort_along_a_score_trajectory():
+    gen = torch.Generator().manual_seed(0)
+    s = torch.randn(64, 32, 3, 3, generator=gen)
+    for k in (1, 184, 5000, 18431):
+        sel, cur = _TrackedTopK(k), s.clone()
+        for step in range(30):
+            scale = 1e-3 if step % 7 else 0.2  # mostly small Adam-like moves, sometimes a jump
+            cur = cur + scale * torch.randn(cur.shape, generator=gen)
+            got = sel(cur.abs())
+            assert torch.equal(got, topk_mask(cur.abs(), k)), (k, step)
+            assert int(got.sum()) == k
+
+
+def test_init_scores_with_zero_steps_give_the_topk_of_their_magnitudes():
+    model = mlp()
+    names = [n for n, _ in model.named_parameters() if n.endswith("weight") and n != "3.weight"]
+    scores = {n: torch.randn(dict(model.named_parameters())[n].shape) for n in names}
+    masks = prune(model, "dpai", 0.5, input_shape=(6,), steps=0, init_scores=scores, budget="uniform")
+    counts = layer_kept_counts({n: s.shape for n, s in scores.items()}, 0.5, "uniform")
+    for n in names:
+        assert torch.equal(masks[n], topk_mask(scores[n].abs(), counts[n]))
+    with pytest.raises(ValueError, match="init_scores"):
+        prune(model, "dpai", 0.5, input_shape=(6,), steps=0, init_scores={names[0]: scores[names[0]]})
+
+
+def test_release_path_count_is_the_path_count_on_a_chain():
+    model = mlp()
+    gen = torch.Generator().manual_seed(1)
+    weights = {n: (torch.rand(p.shape, generator=gen) < 0.6).float()
+               for n, p in model.named_parameters() if n.endswith("weight") and n != "3.weight"}
+    direct = torch.ones(1, 6, dtype=torch.float64)
+    for n in ("0.weight", "2.weight", "4.weight"):
+        direct = direct @ weights[n].double().T
+    assert float(ReleasePathCount(model, (6,))(weights)) == pytest.approx(math.log(float(direct.sum())), rel=1e-6)
+
+
+class _STE(torch.autograd.Function):
+    """Independent straight-through top-k: hard mask forward, identity backward (as the release)."""
+
+    @staticmethod
+    def forward(ctx, a, k):
+        return topk_mask(a, k).float()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+@pytest.mark.parametrize("alpha,beta", [(0.0, 0.0), (0.99, 0.5), (1.0, 1.0)])
+def test_one_step_matches_an_independent_implementation_of_the_release_update(alpha, beta):
+    model = mlp()
+    names = ["0.weight", "2.weight", "4.weight"]
+    shapes = {n: dict(model.named_parameters())[n].shape for n in names}
+    counts = layer_kept_counts(shapes, 0.6, "erk")
+    gen = torch.Generator().manual_seed(4)
+    init = {n: torch.randn(shapes[n], generator=gen) for n in names}
+
+    # reference: autograd through STE(|s|), chain forward with per-layer max normalisation
+    s = {n: init[n].clone().requires_grad_(True) for n in names}
+    m = {n: _STE.apply(s[n].abs(), counts[n]) for n in names}
+    x, log_c = torch.ones(1, 6), 0.0
+    for n in names:
+        c = x.max()
+        log_c = log_c + torch.log(c)
+        x = (x / c) @ m[n].T
+    log_r = torch.log(x.sum()) + log_c
+    gm = torch.autograd.grad(log_r, [m[n] for n in names], retain_graph=True)
+    gs = torch.autograd.grad(log_r, [s[n] for n in names])
+    opt = torch.optim.Adam([s[n] for n in names], lr=0.05)
+    for n, g_m, g_s in zip(names, gm, gs):
+        eff = (g_m.abs() * m[n]) > 0
+        node = eff.any(1, keepdim=True)
+        s[n].grad = -((1 - alpha) * g_s + alpha * ((1 - beta) * g_s * (~node) + beta * g_s * (~eff)))
+    opt.step()
+    expected = {n: topk_mask(s[n].detach().abs(), counts[n]) for n in names}
+
+    masks = prune(model, "dpai", 0.6, input_shape=(6,), steps=1, lr=0.05, alpha=alpha, beta=beta, init_scores=init)
+    for n in names:
+        assert torch.equal(masks[n], expected[n]), n
+    assert masks.meta["trace"][0]["log_paths"] == pytest.approx(float(log_r.detach()), rel=1e-6)
+
+
+def test_optimisation_raises_the_path_count_and_bad_options_are_errors():
+    model = build_model("resnet20", 10)
+    masks = prune(model, "dpai", 0.99, input_shape=(3, 32, 32), steps=150, alpha=0.0)
+    trace = masks.meta["trace"]
+    assert trace[-1]["log_paths"] > trace[0]["log_paths"] + 1.0
+    assert masks.collapsed_layers() == []
+    with pytest.raises(ValueError, match="path_count='fast'.*'release', 'exact'"):
+        prune(model, "dpai", 0.9, input_shape=(3, 32, 32), path_count="fast")
+    with pytest.raises(ValueError, match="alpha"):
+        prune(model, "dpai", 0.9, input_shape=(3, 32, 32), alpha=2)
