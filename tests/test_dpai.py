@@ -121,3 +121,16 @@ def test_optimisation_raises_the_path_count_and_bad_options_are_errors():
         prune(model, "dpai", 0.9, input_shape=(3, 32, 32), path_count="fast")
     with pytest.raises(ValueError, match="alpha"):
         prune(model, "dpai", 0.9, input_shape=(3, 32, 32), alpha=2)
+
+
+def test_vit_attention_projections_are_scored_and_optimised():
+    model = build_model("vit_tiny", 10)
+    names = ["encoder.layers.encoder_layer_0.self_attention.in_proj_weight",
+             "encoder.layers.encoder_layer_0.self_attention.out_proj.weight"]
+    start = prune(model, "dpai", 0.99, input_shape=(3, 32, 32), steps=0, seed=1)
+    moved = prune(model, "dpai", 0.99, input_shape=(3, 32, 32), steps=40, lr=0.05, alpha=0.0, seed=1)
+    for n in names:
+        assert n in moved and not torch.equal(start[n], moved[n]), n  # got path gradients
+    trace = moved.meta["trace"]
+    assert all(math.isfinite(r["log_paths"]) for r in trace)
+    assert trace[-1]["log_paths"] > trace[0]["log_paths"]

@@ -16,6 +16,12 @@ does it (``npb.py`` of ``QuanNguyen-Tri/DPaI``; see ``shared/reference/dpai_pape
 * the score gradient ``-[(1-a) g + a((1-b) g (1-node_ok) + b g (1-kernel_ok))]`` feeds Adam at a
   constant learning rate for ``steps`` steps (the release creates a MultiStepLR but never steps it).
 
+Transformers: every linear weight, attention input and output projections included, is scored and is
+really used in the pruning forward (the masks replace ``in_proj_weight`` and ``out_proj.weight`` inside
+``nn.MultiheadAttention``, whose inputs are max-normalised like a linear layer's); the release left the
+attention with its real weights and its ``out_proj`` mask random. LayerNorm is an identity, GELU is kept
+and ``pos_embedding`` is zero, as in the release.
+
 Beyond the release: ``init_scores``, ``path_count="exact"``, and exact-k selection that is identical to
 a full sort of ``|s|`` whenever no two scores tie (it uses ``kthvalue``, O(n), instead of sorting every
 layer at every step). Defaults are the release's run script (``experiments/run.sh``: alpha 0.99,
@@ -81,14 +87,16 @@ class ReleasePathCount:
         self.x = torch.ones(1, *input_shape, device=device)
         self.zero_biases = {n: torch.zeros_like(p) for n, p in self.net.named_parameters() if n.endswith("bias")}
         for module in self.net.modules():
-            if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+            if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear, nn.MultiheadAttention)):
                 module.register_forward_pre_hook(self._normalise)
 
     def _normalise(self, module: nn.Module, args: tuple) -> tuple:
-        x = args[0]
-        c = x.max()
+        # Attention (ours, not the release's): query, key and value are divided by the query's maximum,
+        # so the value paths are counted like a linear layer's and deep ViTs do not overflow.
+        n = 3 if isinstance(module, nn.MultiheadAttention) else 1
+        c = args[0].max()
         self.logs.append(torch.log(c))
-        return (x / c, *args[1:])
+        return (*(a / c for a in args[:n]), *args[n:])
 
     def __call__(self, weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
         self.logs = []
