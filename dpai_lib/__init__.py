@@ -29,6 +29,7 @@ _EXPORTS = {
     "evaluate": "dpai_lib.trainer",
     "prune": "dpai_lib.pruners",
     "list_pruners": "dpai_lib.pruners",
+    "node_path_stats": "dpai_lib.metrics",
     "seed_everything": "dpai_lib.seed",
     "RunConfig": "dpai_lib.config",
     "load_config": "dpai_lib.config",

@@ -134,3 +134,31 @@ def test_vit_attention_projections_are_scored_and_optimised():
     trace = moved.meta["trace"]
     assert all(math.isfinite(r["log_paths"]) for r in trace)
     assert trace[-1]["log_paths"] > trace[0]["log_paths"]
+
+
+def test_release_count_equals_the_exact_count_on_a_chain_and_exact_mode_agrees_with_the_metric():
+    from dpai_lib import node_path_stats
+    from dpai_lib.metrics import PathCounter
+
+    model = mlp()
+    gen = torch.Generator().manual_seed(2)
+    weights = {n: (torch.rand(p.shape, generator=gen) < 0.5).float()
+               for n, p in model.named_parameters() if n in ("0.weight", "2.weight", "4.weight")}
+    assert float(ReleasePathCount(model, (6,))(weights)) == pytest.approx(float(PathCounter(model, (6,))(weights)), rel=1e-6)
+    resnet = build_model("resnet20", 10)
+    masks = prune(resnet, "dpai", 0.95, input_shape=(3, 32, 32), steps=3, path_count="exact")
+    final_trace = masks.meta["trace"][-1]
+    stats = node_path_stats(resnet, masks, (3, 32, 32))
+    assert final_trace["log_paths"] == pytest.approx(stats["log_paths"], rel=1e-9)
+    assert (final_trace["nodes"], final_trace["kernels"]) == (stats["nodes"], stats["kernels"])
+
+
+def test_dpai_raises_the_effective_path_count_over_random_erk_at_99_percent_on_resnet20():
+    from dpai_lib import node_path_stats
+
+    model = build_model("resnet20", 10)
+    shape = (3, 32, 32)
+    random_paths = [node_path_stats(model, prune(model, "random", 0.99, input_shape=shape, seed=s), shape)["log_paths"]
+                    for s in range(3)]
+    dpai = node_path_stats(model, prune(model, "dpai", 0.99, input_shape=shape, steps=300), shape)
+    assert dpai["log_paths"] > max(random_paths) + 1.0

@@ -212,7 +212,7 @@ def dpai_prune(
     if path_count == "exact":
         from dpai_lib.metrics import PathCounter
 
-        counter = PathCounter(pruning_copy(model), input_shape)
+        counter = PathCounter(model, input_shape)
     else:
         counter = ReleasePathCount(model, input_shape)
     optimizer = torch.optim.Adam(list(scores.values()), lr=lr, fused=True)
@@ -225,6 +225,9 @@ def dpai_prune(
             masks = {n: selectors[n](s.abs()) for n, s in scores.items()}
         weights = {n: m.to(torch.float32).requires_grad_(True) for n, m in masks.items()}
         log_paths = counter(weights)
+        if not torch.isfinite(log_paths):
+            raise RuntimeError(f"DPaI: the masks leave no input-output path (log paths = {float(log_paths)}) at "
+                               f"step {len(rows)}; the sparsity is too high for this network")
         grads = torch.autograd.grad(log_paths, list(weights.values()), allow_unused=True)
         nodes = kernels = 0
         with torch.no_grad():
