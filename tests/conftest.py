@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-
 import pytest
-import torch
-
 
 
 def train_cfg(**overrides):
