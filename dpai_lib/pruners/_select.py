@@ -39,9 +39,16 @@ def topk_mask(scores: torch.Tensor, k: int, ties: str = "exact") -> torch.Tensor
             return torch.ones_like(scores, dtype=torch.bool)
         threshold = flat.float().kthvalue(n_prune).values
         return (scores > threshold).reshape(scores.shape)
-    keep = torch.zeros(n, dtype=torch.bool, device=flat.device)
-    order = torch.sort(flat, descending=True, stable=True).indices
-    keep[order[:k]] = True
+    if k == 0 or k == n:
+        return torch.full_like(scores, k == n, dtype=torch.bool)
+    # O(n): the largest pruned value is the threshold; among entries equal to it, the earliest are kept
+    # (the same result as a stable descending sort, without sorting everything).
+    threshold = flat.kthvalue(n - k).values
+    keep = flat > threshold
+    missing = k - int(torch.count_nonzero(keep))
+    if missing > 0:
+        tied = torch.nonzero(flat == threshold).flatten()[:missing]
+        keep[tied] = True
     return keep.reshape(scores.shape)
 
 
