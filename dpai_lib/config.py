@@ -46,6 +46,10 @@ class PruneConfig(StrictModel):
     method: str = Field(description="registered pruner name (dpai_lib.list_pruners())")
     sparsity: float = Field(ge=0.0, lt=1.0, description="fraction of prunable weights removed")
     options: dict[str, Any] = Field(default_factory=dict, description="the pruner's hyper-parameters")
+    data_batches: int | None = Field(
+        None, gt=0, description="for pruners that score with data: number of training batches they get"
+    )
+    data_batch_size: int | None = Field(None, gt=0, description="size of those batches")
 
 
 class TrainConfig(StrictModel):

@@ -142,8 +142,9 @@ def execute(
             train_set = _subset(train_set, dc.train_subset, config.seed)
         info = datamod.dataset_info(dc.name, **dc.options)
         model = build_model(config.model.name, info.num_classes, **config.model.options)
+        prune_data = _pruning_batches(config, train_set)
         t0 = time.perf_counter()
-        masks = prune(model, config.prune.method, config.prune.sparsity, seed=config.seed,
+        masks = prune(model, config.prune.method, config.prune.sparsity, seed=config.seed, data=prune_data,
                       input_shape=(info.channels, info.image_size, info.image_size), **config.prune.options)
         record["timings"]["prune_s"] = time.perf_counter() - t0
         masks.save(work / "masks.safetensors", metadata={"run_id": rid})
@@ -168,6 +169,33 @@ def execute(
     record["timings"].update(finished=_now(), total_s=time.perf_counter() - t_start)
     write_json_atomic(path, record)
     return path, record
+
+
+def _pruning_batches(config: RunConfig, train_set) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """For pruners that need data: ``data_batches`` batches of ``data_batch_size`` training images, drawn
+    without replacement by a permutation seeded with the run's seed, normalised, not augmented."""
+    from dpai_lib.data import TensorData, normalize
+    from dpai_lib.pruners import PRUNERS, _load_builtin
+
+    _load_builtin()
+    pc = config.prune
+    if not getattr(PRUNERS.get(pc.method), "needs_data", False):
+        return None
+    if pc.data_batches is None or pc.data_batch_size is None:
+        raise ValueError(f"pruner {pc.method!r} scores weights with data: set prune.data_batches and "
+                         "prune.data_batch_size in the run configuration")
+    need = pc.data_batches * pc.data_batch_size
+    if need > len(train_set):
+        raise ValueError(f"prune.data_batches x prune.data_batch_size = {need} exceeds the {len(train_set)} training images")
+    order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(config.seed))[:need]
+    batches = []
+    for chunk in order.split(pc.data_batch_size):
+        if isinstance(train_set, TensorData):
+            batches.append((normalize(train_set.images[chunk], train_set.info), train_set.labels[chunk]))
+        else:
+            items = [train_set[int(i)] for i in chunk]
+            batches.append((torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])))
+    return batches
 
 
 def _subset(data, n: int, seed: int):

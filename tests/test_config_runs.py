@@ -108,3 +108,14 @@ def test_command_line_trains_and_prints_the_record(tmp_path):
     bad.write_text(yaml.safe_dump(run_dict(seeds=[1])))
     out = subprocess.run([sys.executable, "-m", "dpai_lib", "train", str(bad)], capture_output=True, text=True)
     assert out.returncode != 0 and "seeds: unknown key" in out.stderr
+
+
+def test_data_pruners_get_seeded_batches_from_the_config(tmp_path):
+    raw = run_dict(prune={"method": "snip", "sparsity": 0.9})
+    raw["train"] = raw["train"] | {"epochs": 0}
+    with pytest.raises(ValueError, match="prune.data_batches and prune.data_batch_size"):
+        execute(validate_config(raw), tmp_path / "a", device="cpu", progress=False)
+    raw["prune"] = {"method": "snip", "sparsity": 0.9, "data_batches": 2, "data_batch_size": 32}
+    _, record = execute(validate_config(raw), tmp_path / "b", device="cpu", progress=False)
+    assert record["status"] == "done"
+    assert record["results"]["masks"]["kept"] == 270_896 - int(0.9 * 270_896)
