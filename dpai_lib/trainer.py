@@ -216,6 +216,8 @@ def train(
             correct += (out.detach().argmax(1) == y).sum()
             seen += len(y)
         scheduler.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the epoch's kernels are done before the clock is read
         train_seconds = time.perf_counter() - t0
         test_loss, test_acc = evaluate(model, test_data, config.test_batch_size, device=device, amp=config.amp,
                                        max_batches=config.max_test_batches, num_workers=num_workers)
