@@ -50,7 +50,6 @@ import copy
 import functools
 import math
 import operator
-import sys
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -397,11 +396,9 @@ def _dpai_stats(model: nn.Module, masks: Masks, input_shape: tuple[int, ...]) ->
     """
     net = copy.deepcopy(model).double().cpu().eval()
     name_of = {id(p): n for n, p in prunable_parameters(net).items()}
-    identities: tuple[type, ...] = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.LogSoftmax, nn.ReLU,
-                                    nn.Dropout, nn.SiLU, nn.Sigmoid)
-    tv_ops = sys.modules.get("torchvision.ops")  # a model holding these has imported torchvision already
-    if tv_ops is not None:
-        identities += (tv_ops.SqueezeExcitation, tv_ops.StochasticDepth)
+    from dpai_lib.pruners.dpai import release_identity_types
+
+    identities = release_identity_types()
     maxima: list[torch.Tensor] = []
     mask_w: dict[str, torch.Tensor] = {}
 

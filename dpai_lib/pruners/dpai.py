@@ -45,15 +45,15 @@ from dpai_lib.pruners import register_pruner
 from dpai_lib.pruners._select import check_choice, topk_mask
 from dpai_lib.sparsity import layer_kept_counts
 
-# Modules that are identities in the pruning forward (as in the release; GELU is kept, as there).
+# Modules that are identities in the release's pruning forward (GELU, ReLU6, ... are kept, as there).
 IDENTITY_TYPES: tuple[type[nn.Module], ...] = (
-    nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.ReLU, nn.ReLU6, nn.SiLU, nn.Sigmoid,
-    nn.Hardswish, nn.Hardsigmoid, nn.LogSoftmax, nn.Dropout,
+    nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.ReLU, nn.SiLU, nn.Sigmoid, nn.LogSoftmax, nn.Dropout,
 )
 PATH_COUNTS = ("release", "exact")
 
 
-def _identity_types() -> tuple[type[nn.Module], ...]:
+def release_identity_types() -> tuple[type[nn.Module], ...]:
+    """The module types the release turns into identities, torchvision's SE and stochastic depth included."""
     from torchvision.ops import SqueezeExcitation, StochasticDepth
 
     return IDENTITY_TYPES + (StochasticDepth, SqueezeExcitation)
@@ -63,7 +63,7 @@ def pruning_copy(model: nn.Module) -> nn.Module:
     """A deep copy in eval mode whose norms, activations, dropout and SE blocks are identities and
     whose ``pos_embedding`` tensors are zero (the release's pruning network)."""
     net = copy.deepcopy(model).eval()
-    kinds = _identity_types()
+    kinds = release_identity_types()
     for parent in list(net.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, kinds):
