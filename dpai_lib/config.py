@@ -10,6 +10,7 @@ key, the allowed keys and the closest match.
 from __future__ import annotations
 
 import difflib
+import typing
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -80,7 +81,9 @@ class RunConfig(StrictModel):
     data: DataConfig
     model: ModelConfig
     prune: PruneConfig
-    train: TrainConfig
+    train: TrainConfig | None = Field(
+        description="the training schedule; null = prune and measure the masks only (no training)"
+    )
 
     def canonical(self) -> dict[str, Any]:
         """JSON-ready dict with every field, defaults included: what the run id hashes."""
@@ -88,12 +91,19 @@ class RunConfig(StrictModel):
 
 
 def _model_at(cls: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The model class at a validation-error location (through ``X | None`` and ``dict[str, X]``)."""
     for part in loc:
-        field = cls.model_fields.get(part) if isinstance(part, str) else None
-        ann = field.annotation if field else None
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+        if not isinstance(part, str):
+            continue
+        field = cls.model_fields.get(part)
+        if field is None:  # a key of a dict[str, Model] field: stay on the value model found before
+            continue
+        candidates = [field.annotation, *typing.get_args(field.annotation)]
+        candidates += [a for c in candidates for a in typing.get_args(c)]
+        models = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not models:
             return None
-        cls = ann
+        cls = models[0]
     return cls
 
 

@@ -132,15 +132,12 @@ def execute(
     try:
         record["determinism"] = seed_everything(config.seed, config.deterministic)
         dc = config.data
-        train_set = datamod.load_tensors(dc.name, "train", dc.data_dir, download=dc.download, **dc.options) \
-            if datamod.dataset_info(dc.name, **dc.options).in_memory else \
-            datamod.get_dataset(dc.name, "train", dc.data_dir, download=dc.download, **dc.options)
-        test_set = datamod.load_tensors(dc.name, "test", dc.data_dir, download=dc.download, **dc.options) \
-            if isinstance(train_set, datamod.TensorData) else \
-            datamod.get_dataset(dc.name, "test", dc.data_dir, download=dc.download, **dc.options)
-        if dc.train_subset is not None:
-            train_set = _subset(train_set, dc.train_subset, config.seed)
         info = datamod.dataset_info(dc.name, **dc.options)
+        train_set = test_set = None
+        if config.train is not None or _needs_data(config.prune.method):  # data-free pruning needs no files
+            train_set, test_set = _load_data(dc, info.in_memory)
+            if dc.train_subset is not None:
+                train_set = _subset(train_set, dc.train_subset, config.seed)
         model = build_model(config.model.name, info.num_classes, **config.model.options)
         prune_data = _pruning_batches(config, train_set)
         t0 = time.perf_counter()
@@ -149,6 +146,14 @@ def execute(
         record["timings"]["prune_s"] = time.perf_counter() - t0
         masks.save(work / "masks.safetensors", metadata={"run_id": rid})
         record["results"]["masks"] = masks.summary()
+        record["results"]["node_path"] = _node_path(model, masks, (info.channels, info.image_size, info.image_size))
+        if "trace" in masks.meta:
+            record["curves_prune"] = masks.meta["trace"]
+        if config.train is None:
+            record["status"] = "done"
+            record["timings"].update(finished=_now(), total_s=time.perf_counter() - t_start)
+            write_json_atomic(path, record)
+            return path, record
         result = train(model, masks, train_set, test_set, config.train, seed=config.seed, device=dev,
                        checkpoint_path=work / "checkpoint.pt", progress=progress, num_workers=num_workers)
         record["status"] = "done" if result.status == "completed" else "diverged"
@@ -171,15 +176,44 @@ def execute(
     return path, record
 
 
+def _needs_data(method: str) -> bool:
+    from dpai_lib.pruners import PRUNERS, _load_builtin
+
+    _load_builtin()
+    return bool(getattr(PRUNERS.get(method), "needs_data", False))
+
+
+def _load_data(dc, in_memory: bool):
+    from dpai_lib import data as datamod
+
+    load = datamod.load_tensors if in_memory else datamod.get_dataset
+    return tuple(load(dc.name, split, dc.data_dir, download=dc.download, **dc.options) for split in ("train", "test"))
+
+
+def _node_path(model, masks, input_shape) -> dict[str, Any]:
+    """Effective paths / nodes / kernels / params of the masks, in our exact definition and in the DPaI
+    release's (the paper's numbers use the latter); a variant that cannot handle the network says why."""
+    from dpai_lib.metrics import node_path_stats
+
+    out: dict[str, Any] = {}
+    for variant in ("exact", "dpai"):
+        try:
+            stats = node_path_stats(model, masks, input_shape, variant=variant)
+        except NotImplementedError as exc:
+            out[variant] = {"error": str(exc)}
+            continue
+        out[variant] = {k: stats[k] for k in ("log_paths", "nodes", "kernels", "params")}
+        out[variant]["layers"] = stats["layers"]
+    return out
+
+
 def _pruning_batches(config: RunConfig, train_set) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
     """For pruners that need data: ``data_batches`` batches of ``data_batch_size`` training images, drawn
     without replacement by a permutation seeded with the run's seed, normalised, not augmented."""
     from dpai_lib.data import TensorData, normalize
-    from dpai_lib.pruners import PRUNERS, _load_builtin
 
-    _load_builtin()
     pc = config.prune
-    if not getattr(PRUNERS.get(pc.method), "needs_data", False):
+    if not _needs_data(pc.method):
         return None
     if pc.data_batches is None or pc.data_batch_size is None:
         raise ValueError(f"pruner {pc.method!r} scores weights with data: set prune.data_batches and "

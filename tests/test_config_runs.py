@@ -119,3 +119,14 @@ def test_data_pruners_get_seeded_batches_from_the_config(tmp_path):
     _, record = execute(validate_config(raw), tmp_path / "b", device="cpu", progress=False)
     assert record["status"] == "done"
     assert record["results"]["masks"]["kept"] == 270_896 - int(0.9 * 270_896)
+
+
+def test_prune_only_runs_need_no_data_files_and_record_node_path_stats(tmp_path):
+    raw = run_dict(data={"name": "cifar10", "data_dir": str(tmp_path / "no-cifar-here")}, train=None)
+    raw["prune"] = {"method": "dpai", "sparsity": 0.99, "options": {"steps": 3}}
+    _, record = execute(validate_config(raw), tmp_path / "r", device="cpu", progress=False)
+    assert record["status"] == "done" and record["curves"] == []
+    exact, release = record["results"]["node_path"]["exact"], record["results"]["node_path"]["dpai"]
+    assert exact["log_paths"] > 0 and exact["nodes"] <= 10 + 16 * 7 + 32 * 7 + 64 * 7
+    assert release["log_paths"] > 0 and set(exact["layers"]) == set(record["results"]["masks"]["layer_density"])
+    assert len(record["curves_prune"]) == 3 + 2
