@@ -34,6 +34,7 @@ BUDGETS = ("smoke", "short", "paper")
 class Budget(StrictModel):
     all: dict[str, Any] = Field(default_factory=dict, description="overrides merged into every run")
     methods: dict[str, dict[str, Any]] = Field(default_factory=dict, description="pruner name -> prune.options overrides")
+    settings: dict[str, dict[str, Any]] = Field(default_factory=dict, description="setting name -> overrides")
     description: str = Field("", description="what this tier is for, in words")
 
 
@@ -62,6 +63,10 @@ class Artefact(StrictModel):
         missing = [b for b in BUDGETS if b not in self.budgets]
         if missing:
             raise ValueError(f"budgets must define every tier {BUDGETS}; missing {missing}")
+        for tier, budget in self.budgets.items():
+            unknown = [s for s in budget.settings if s not in self.settings]
+            if unknown:
+                raise ValueError(f"budget {tier!r} overrides unknown settings {unknown}")
         for name, setting in self.settings.items():
             unknown = [m for m in setting.methods if m not in self.methods]
             if unknown:
@@ -122,6 +127,7 @@ def expand(art: Artefact, budget: str) -> list[PlannedRun]:
                     raw = deep_merge(raw, {"seed": seed, "prune": {"method": method, "sparsity": sparsity,
                                                                     "options": options}})
                     raw = deep_merge(raw, tier.all)
+                    raw = deep_merge(raw, tier.settings.get(sname, {}))
                     where = f"{art.artefact} [{budget}] {sname}/{method}/s={sparsity}/seed={seed}"
                     runs.append(PlannedRun(art.artefact, sname, method, budget, validate_config(raw, where)))
     return runs

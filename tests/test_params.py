@@ -1,0 +1,60 @@
+"""Params files validate and expand to the paper's grids; errors name the bad key."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dpai_lib.config import ConfigError
+from dpai_lib.params import BUDGETS, expand, load_artefact
+from dpai_lib.runs import run_id
+from dpai_lib.sparsity import compression_to_sparsity
+
+PARAMS = sorted((Path(__file__).resolve().parents[1] / "params").glob("*.yaml"))
+ARTEFACTS = [p for p in PARAMS if p.name != "smoke.yaml"]
+
+
+@pytest.mark.parametrize("path", ARTEFACTS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_every_params_file_expands_to_valid_unique_runs(path, budget):
+    runs = expand(load_artefact(path), budget)
+    ids = [run_id(r.config) for r in runs]
+    assert len(ids) == len(set(ids))
+    assert all(r.budget == budget and r.artefact == path.stem for r in runs)
+
+
+def test_fig1_is_the_papers_grid():
+    art = load_artefact(PARAMS[0].parent / "fig1_main.yaml")
+    runs = expand(art, "paper")
+    assert len(runs) == 3 * 7 * 4 * 3
+    assert {(r.config.data.name, r.config.model.name) for r in runs} == {
+        ("cifar10", "resnet20"), ("cifar100", "vgg19_bn"), ("tiny_imagenet", "resnet18")}
+    assert {r.method for r in runs} == {"random", "snip", "iter_snip", "synflow", "phew", "npb", "dpai"}
+    assert sorted({round(r.config.prune.sparsity, 12) for r in runs}) == [
+        round(compression_to_sparsity(c), 12) for c in (0.5, 1.0, 1.5, 2.0)]
+    assert {r.config.seed for r in runs} == {0, 1, 2}
+    r20 = next(r.config for r in runs if r.setting == "resnet20_cifar10" and r.method == "dpai")
+    assert r20.prune.options == {"alpha": 0.99, "beta": 0.5, "lr": 0.005, "steps": 3000}
+    assert (r20.train.epochs, r20.train.lr, r20.train.lr_drops, r20.train.weight_decay) == (160, 0.1, [60, 120], 1e-4)
+    tiny = next(r.config for r in runs if r.setting == "resnet18_tinyimagenet" and r.method == "npb")
+    assert tiny.prune.options["beta"] == 2.0 and tiny.train.lr_drops == [30, 60, 80]
+    smoke = expand(art, "smoke")
+    assert all(r.config.data.name == "synthetic" and r.config.train.max_train_batches == 2 for r in smoke)
+    assert next(r.config for r in smoke if r.method == "dpai").prune.options["steps"] == 5
+
+
+def test_bad_params_files_name_the_problem(tmp_path):
+    raw = yaml.safe_load((PARAMS[0].parent / "fig1_main.yaml").read_text())
+    raw["settings"]["resnet20_cifar10"]["sparsity"] = [0.9]
+    bad = tmp_path / "fig1_main.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="settings.resnet20_cifar10.sparsity: unknown key.*'sparsities'"):
+        load_artefact(bad)
+    raw = yaml.safe_load((PARAMS[0].parent / "fig1_main.yaml").read_text())
+    raw["settings"]["resnet20_cifar10"]["config"]["train"]["lr_drop"] = [1]
+    bad.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="train.lr_drop: unknown key"):
+        expand(load_artefact(bad), "paper")
+    (tmp_path / "other.yaml").write_text((PARAMS[0].parent / "fig1_main.yaml").read_text())
+    with pytest.raises(ConfigError, match="must equal the file name"):
+        load_artefact(tmp_path / "other.yaml")
