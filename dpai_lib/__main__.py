@@ -3,6 +3,11 @@
 * ``train CONFIG.yaml [--records DIR] [--device auto]`` - prune and train one run configuration, write its
   record (``DIR/<run_id>.json``) and print where it is; a finished run is not repeated.
 * ``data fashion_mnist [--data-dir DIR]`` - unpack Debian's Fashion-MNIST into ``DIR/FashionMNIST/raw``.
+* ``run params/X.yaml --budget {smoke,short,paper} [--only key=v1,v2 ...] [--shard i/n] [--stage prune]
+  [--executor local|slurm|submitit-local] [--jobs N]`` - every run of an artefact through its papermill
+  template; finished runs are skipped, so a sweep resumes where it stopped.
+* ``collect [ARTEFACT ...]`` - run records -> ``results/<artefact>.csv``.
+* ``status [--stage prune]`` - expected / done / failed / missing runs and their measured cost.
 """
 
 from __future__ import annotations
@@ -37,6 +42,53 @@ def _data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    from dpai_lib.pipeline import Paths, parse_only, plan, run_sweep
+
+    i, _, n = args.shard.partition("/")
+    try:
+        shard = (int(i), int(n))
+    except ValueError:
+        print(f"--shard must look like i/n (e.g. 0/4); got {args.shard!r}", file=sys.stderr)
+        return 2
+    runs = plan(args.params, args.budget, only=parse_only(args.only), shard=shard, stage=args.stage)
+    slurm = {"timeout_min": args.timeout_min}
+    if args.executor == "slurm":
+        slurm |= {"gpus_per_node": args.gpus_per_job, "slurm_array_parallelism": args.array_parallelism}
+        if args.partition:
+            slurm["slurm_partition"] = args.partition
+    print(f"{len(runs)} runs planned ({args.budget}, stage {args.stage}, shard {args.shard})")
+    counts = run_sweep(runs, paths=Paths(), executor=args.executor, jobs=args.jobs, device=args.device, slurm=slurm)
+    print(json.dumps(counts))
+    return 0 if not counts.get("failed") else 1
+
+
+def _collect(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from dpai_lib.pipeline import Paths
+    from dpai_lib.results import collect
+
+    names = args.artefacts or sorted(p.stem for p in Path("params").glob("*.yaml") if p.stem != "smoke")
+    for name in names:
+        print(f"{collect(Paths().store, name, 'results')}")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from dpai_lib.pipeline import Paths
+    from dpai_lib.results import status
+
+    table = status("params", Paths().store, stage=args.stage)
+    if args.budget:
+        table = table[table["budget"] == args.budget]
+    with pd.option_context("display.max_rows", None, "display.width", 200):
+        print(table.to_string(index=False))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dpai_lib", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -51,6 +103,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("name", help="fashion_mnist")
     p.add_argument("--data-dir", default=None, help="data root (default: $DPAI_DATA_DIR or ./data)")
     p.set_defaults(func=_data)
+    p = sub.add_parser("run", help="execute every run of an artefact's params file")
+    p.add_argument("params", help="params file, e.g. params/fig1_main.yaml")
+    p.add_argument("--budget", required=True, choices=["smoke", "short", "paper"], help="budget tier")
+    p.add_argument("--only", nargs="*", default=[], metavar="KEY=V1,V2",
+                   help="keep runs whose setting/method/sparsity/seed/model/dataset is one of the values")
+    p.add_argument("--shard", default="0/1", help="run only share i of n (runs[i::n]), e.g. 0/4")
+    p.add_argument("--stage", default="all", choices=["all", "prune"],
+                   help="prune = prune and measure only (no training: the data-free part)")
+    p.add_argument("--executor", default="local", choices=["local", "slurm", "submitit-local"])
+    p.add_argument("--jobs", type=int, default=1, help="local runs at a time (GPUs shared round-robin; on the "
+                   "CPU each gets cores/jobs threads)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--gpus-per-job", type=int, default=1, help="slurm: GPUs per job")
+    p.add_argument("--partition", default=None, help="slurm: partition")
+    p.add_argument("--timeout-min", type=int, default=24 * 60, help="submitit: time limit per job in minutes")
+    p.add_argument("--array-parallelism", type=int, default=64, help="slurm: array tasks running at once")
+    p.set_defaults(func=_run)
+    p = sub.add_parser("collect", help="run records -> results/<artefact>.csv")
+    p.add_argument("artefacts", nargs="*", help="artefact names (default: all params files)")
+    p.set_defaults(func=_collect)
+    p = sub.add_parser("status", help="expected / done / failed / missing runs per artefact")
+    p.add_argument("--stage", default="all", choices=["all", "prune"])
+    p.add_argument("--budget", default=None, choices=["smoke", "short", "paper"])
+    p.set_defaults(func=_status)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -104,11 +104,13 @@ def execute(
     device: str = "auto",
     progress: bool = True,
     num_workers: int = 0,
+    labels: dict[str, Any] | None = None,
 ) -> tuple[Path, dict[str, Any]]:
     """Prune and train one configuration; write ``records_dir/<run_id>.json``; return (path, record).
 
     A finished record is returned as it is (the run is not repeated). Checkpoints and the mask file go to
-    ``work_dir/<run_id>/`` (default ``records_dir/work``), so an interrupted run resumes. A run that
+    ``work_dir/<run_id>/`` (default ``records_dir/work``), so an interrupted run resumes. ``labels``
+    (e.g. artefact, setting, method, budget) are stored with the record. A run that
     raises is recorded with ``status: "failed"`` (``"interrupted"`` for Ctrl-C) and its error, then the exception propagates.
     """
     from dpai_lib import data as datamod
@@ -125,7 +127,8 @@ def execute(
             return path, existing
     work = Path(work_dir if work_dir is not None else Path(records_dir) / "work") / rid
     dev = resolve_device(device)
-    record: dict[str, Any] = {"schema": SCHEMA, "run_id": rid, "status": "running", "error": None,
+    record: dict[str, Any] = {"schema": SCHEMA, "run_id": rid, "labels": dict(labels or {}),
+                              "status": "running", "error": None,
                               "config": config.canonical(), "seed": config.seed, "results": {}, "curves": [],
                               "timings": {"started": _now()}, "provenance": provenance(dev)}
     t_start = time.perf_counter()
