@@ -261,7 +261,8 @@ def bench_prune(args: argparse.Namespace) -> int:
     from dpai_lib.pruners import PRUNERS, list_pruners
 
     torch.set_num_threads(args.threads)
-    methods = args.methods or list_pruners()
+    known = list_pruners()  # also loads every pruner module
+    methods = args.methods or known
     rows = []
     for name in args.models:
         classes, size = PRUNE_MODELS[name]
@@ -280,8 +281,9 @@ def bench_prune(args: argparse.Namespace) -> int:
             if method == "dpai":
                 per_step = masks.meta["seconds_per_step"]
                 release = RELEASE_DPAI_S_PER_STEP[name]
+                fixed = seconds - per_step * args.dpai_steps  # set-up and evaluations, paid once
                 row |= {"seconds": f"{seconds:.1f} ({args.dpai_steps} steps)",
-                        "dpai_s_per_step": round(per_step, 4), "dpai_3000_steps_s": round(per_step * 3000),
+                        "dpai_s_per_step": round(per_step, 4), "dpai_3000_steps_s": round(fixed + per_step * 3000),
                         "vs_release": round(per_step / release, 3), "target": f"<= {DPAI_TARGET_RATIO[name]}x",
                         "verdict": "PASS" if per_step / release <= DPAI_TARGET_RATIO[name] else "FAIL"}
             rows.append(row)

@@ -104,28 +104,15 @@ class ReleasePathCount:
         return torch.log(out.sum()) + torch.stack(self.logs).sum()
 
 
-def _kth_mask(abs_scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the ``k`` largest entries: a threshold by ``kthvalue`` (exact when there are no ties at it),
-    else a stable sort."""
-    n = abs_scores.numel()
-    if k >= n:
-        return torch.ones_like(abs_scores, dtype=torch.bool)
-    if k == 0:
-        return torch.zeros_like(abs_scores, dtype=torch.bool)
-    threshold = abs_scores.flatten().kthvalue(n - k).values
-    mask = abs_scores > threshold
-    if int(torch.count_nonzero(mask)) != k:
-        mask = topk_mask(abs_scores, k)
-    return mask
-
-
 class _TrackedTopK:
     """Top-k of one layer's ``|s|`` at every step, searching near the previous threshold.
 
     Scores move little per Adam step, so the k-th largest value stays close to where it was: count
     the entries above ``t + w`` and inside ``(t - w, t + w]``; if the k-th largest lies in that band,
-    select inside the (small) band only; otherwise widen ``w`` and try again, or fall back to
-    :func:`_kth_mask`. The result is the same mask as a full sort whenever no two scores tie.
+    select inside the (small) band only; otherwise widen ``w`` and try again, or fall back to the full
+    :func:`~dpai_lib.pruners._select.topk_mask`. Ties at the threshold (float32 ``randn`` repeats values,
+    and Adam moves equal scores with equal gradients alike) keep the earliest indices, so the result is
+    always the mask of a stable descending sort.
     """
 
     def __init__(self, k: int) -> None:
@@ -144,17 +131,18 @@ class _TrackedTopK:
             band_n = int(torch.count_nonzero(in_band))
             if above <= k < above + band_n:  # the boundary lies strictly inside the band
                 band = a[in_band]
-                t = float(band.kthvalue(band_n - (k - above)).values)
+                t = band.kthvalue(band_n - (k - above)).values
                 mask = a > t
-                if int(torch.count_nonzero(mask)) == k:
-                    self.threshold = t
-                    return mask
-                break
+                missing = k - int(torch.count_nonzero(mask))
+                if missing > 0:  # ties at t: the earliest entries are kept, as a stable sort would
+                    mask.view(-1)[torch.nonzero(a.view(-1) == t).flatten()[:missing]] = True
+                self.threshold = float(t)
+                return mask
             self.width *= 4
         return self._full(a)
 
     def _full(self, a: torch.Tensor) -> torch.Tensor:
-        mask = _kth_mask(a, self.k)
+        mask = topk_mask(a, self.k)
         if 0 < self.k < a.numel():
             self.threshold = float(a[~mask].max())
         return mask
@@ -254,7 +242,8 @@ def dpai_prune(
         evaluate(update=True)
     evaluate(update=False)
     with torch.no_grad():
-        final = {n: _kth_mask(s.abs(), counts[n]).cpu() for n, s in scores.items()}
+        final = {n: topk_mask(s.abs(), counts[n]).cpu() for n, s in scores.items()}
     meta = {"method": "dpai", "trace": rows, "seconds": time.perf_counter() - t0,
-            "seconds_per_step": (time.perf_counter() - t0) / max(steps + 2, 1)}
+            # the optimisation steps alone (rows 1..steps), without the set-up and the two evaluations
+            "seconds_per_step": ((rows[steps]["seconds"] - rows[0]["seconds"]) / steps) if (trace and steps) else None}
     return Masks(final, meta=meta)
