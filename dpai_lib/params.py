@@ -54,7 +54,9 @@ class Artefact(StrictModel):
     stages: list[Literal["prune", "train"]] = Field(description="what a run does: prune (+ metrics), train")
     notes: str = Field("", description="sources of the values, choices where the paper is silent")
     base: dict[str, Any] = Field(default_factory=dict, description="partial run configuration shared by every run")
-    methods: dict[str, dict[str, Any]] = Field(description="pruner name -> its hyper-parameters (prune.options)")
+    methods: dict[str, dict[str, Any]] = Field(
+        description="method name -> its hyper-parameters (prune.options); a method named other than its pruner "
+        "(a variant, e.g. dpai_a0.5_b0.5) gives the registered pruner under the key 'pruner'")
     settings: dict[str, Setting]
     budgets: dict[Literal["smoke", "short", "paper"], Budget]
 
@@ -124,8 +126,10 @@ def expand(art: Artefact, budget: str) -> list[PlannedRun]:
             for sparsity in setting.sparsities:
                 for seed in setting.seeds:
                     raw = deep_merge(art.base, setting.config)
-                    raw = deep_merge(raw, {"seed": seed, "prune": {"method": method, "sparsity": sparsity,
-                                                                    "options": options}})
+                    opts = dict(options)
+                    pruner = opts.pop("pruner", method)
+                    raw = deep_merge(raw, {"seed": seed, "prune": {"method": pruner, "sparsity": sparsity,
+                                                                    "options": opts}})
                     raw = deep_merge(raw, tier.all)
                     raw = deep_merge(raw, tier.settings.get(sname, {}))
                     where = f"{art.artefact} [{budget}] {sname}/{method}/s={sparsity}/seed={seed}"

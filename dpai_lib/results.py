@@ -19,7 +19,7 @@ from dpai_lib.params import BUDGETS, expand, load_artefact
 from dpai_lib.runs import load_record, run_id
 
 COLUMNS = [
-    "artefact", "setting", "method", "budget", "stage", "dataset", "model", "sparsity", "seed", "run_id",
+    "artefact", "setting", "method", "pruner", "budget", "stage", "dataset", "model", "sparsity", "seed", "run_id",
     "status", "error", "log_paths", "nodes", "kernels", "params", "log_paths_dpai", "nodes_dpai",
     "kernels_dpai", "params_dpai", "kept", "collapsed_layers", "prune_s", "train_s", "total_s",
     "final_test_acc", "best_test_acc", "epochs_run", "device_name", "torch_threads", "git_commit",
@@ -33,7 +33,8 @@ def record_row(artefact: str, rec: dict[str, Any]) -> dict[str, Any]:
     masks = res.get("masks", {})
     timings, prov = rec.get("timings", {}), rec.get("provenance", {})
     return {
-        "artefact": artefact, "setting": lab.get("setting"), "method": cfg["prune"]["method"],
+        "artefact": artefact, "setting": lab.get("setting"), "method": lab.get("method", cfg["prune"]["method"]),
+        "pruner": cfg["prune"]["method"],
         "budget": lab.get("budget"), "stage": "prune" if cfg.get("train") is None else "all",
         "dataset": cfg["data"]["name"], "model": cfg["model"]["name"], "sparsity": cfg["prune"]["sparsity"],
         "seed": cfg["seed"], "run_id": rec["run_id"], "status": rec["status"], "error": rec.get("error"),

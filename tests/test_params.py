@@ -58,3 +58,12 @@ def test_bad_params_files_name_the_problem(tmp_path):
     (tmp_path / "other.yaml").write_text((PARAMS[0].parent / "fig1_main.yaml").read_text())
     with pytest.raises(ConfigError, match="must equal the file name"):
         load_artefact(tmp_path / "other.yaml")
+
+
+def test_fig2_is_a_36_point_alpha_beta_grid_of_dpai_variants():
+    runs = expand(load_artefact(PARAMS[0].parent / "fig2_alpha_beta.yaml"), "paper")
+    dpai = [r for r in runs if r.config.prune.method == "dpai"]
+    assert len(dpai) == 36 * 2 and len({r.method for r in dpai}) == 36
+    assert {(r.config.prune.options["alpha"], r.config.prune.options["beta"]) for r in dpai} == {
+        (a, b) for a in (0.0, 0.5, 0.9, 0.99, 0.999, 1.0) for b in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)}
+    assert all("pruner" not in r.config.prune.options for r in runs)
