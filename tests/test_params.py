@@ -67,3 +67,16 @@ def test_fig2_is_a_36_point_alpha_beta_grid_of_dpai_variants():
     assert {(r.config.prune.options["alpha"], r.config.prune.options["beta"]) for r in dpai} == {
         (a, b) for a in (0.0, 0.5, 0.9, 0.99, 0.999, 1.0) for b in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)}
     assert all("pruner" not in r.config.prune.options for r in runs)
+
+
+def test_appendix_tables_and_prune_only_figures_expand_to_their_grids():
+    p = PARAMS[0].parent
+    t8 = expand(load_artefact(p / "table8_extreme.yaml"), "paper")
+    assert len(t8) == 2 * 2 * 5 and {r.config.seed for r in t8} == set(range(5))
+    assert sorted({round(r.config.prune.sparsity, 12) for r in t8}) == [
+        round(compression_to_sparsity(c), 12) for c in (2.5, 3.0)]
+    t7 = expand(load_artefact(p / "table7_erk_vs_uniform.yaml"), "paper")
+    assert {r.config.prune.options["budget"] for r in t7} == {"erk", "uniform"} and len(t7) == 2 * 3 * 3
+    for name in ("fig3_prune_time", "fig5_convergence"):
+        assert all(r.config.train is None for r in expand(load_artefact(p / f"{name}.yaml"), "paper"))
+    assert len(expand(load_artefact(p / "fig3_prune_time.yaml"), "paper")) == 3 * 7 * 4
