@@ -3,9 +3,9 @@
 * A run is done when its record ``results/runs/<artefact>/<run_id>.json`` says so: re-running a sweep
   skips it, so an interrupted sweep resumes where it stopped (an interrupted run resumes from its last
   epoch checkpoint in ``runs/work/<run_id>/``).
-* A run is claimed with an exclusive lock file (``runs/work/locks/<run_id>.lock``, created atomically;
-  a lock whose process is gone is taken over), so two runners on one store never run it twice, and
-  records are written atomically, so none is lost or half-written.
+* A run is claimed with an exclusive lock file (``<run_id>.lock`` in the work folder's ``locks``,
+  created atomically; a lock whose process is gone is taken over), so two runners on one store never
+  run it twice, and records are written atomically, so none is lost or half-written.
 * A failed run is recorded with its error, and the sweep goes on.
 * Executors: ``local`` (``jobs`` runs at a time, spread over the local GPUs or CPU threads) and
   ``slurm`` through submitit (one array task per run); ``submitit-local`` runs the same submitit path
