@@ -328,6 +328,17 @@ def _check(ok: bool, name: str, value: Any, what: str) -> None:
         raise ValueError(f"npb: {name} must be {what}; got {value!r}")
 
 
+def _forward_with_pre_hook(net: nn.Module, modules, hook, x: torch.Tensor) -> None:
+    """One no-grad forward of ``net`` with ``hook`` as a forward pre-hook on each of ``modules``."""
+    handles = [m.register_forward_pre_hook(hook) for m in modules]
+    try:
+        with torch.no_grad():
+            net(x)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _path_counting_copy(model: nn.Module) -> nn.Module:
     """float64 CPU copy: norms, activations and dropout -> identity, biases 0, prunable weights 1."""
     net = copy.deepcopy(model).to(device="cpu", dtype=torch.float64)
@@ -416,13 +427,7 @@ def _forward_order(net: nn.Module, layers: dict[str, nn.Module], x: torch.Tensor
         seen_inputs.setdefault(id(inp), name)
         keep.append(inp)
 
-    handles = [m.register_forward_pre_hook(hook) for m in layers.values()]
-    try:
-        with torch.no_grad():
-            net(x)
-    finally:
-        for h in handles:
-            h.remove()
+    _forward_with_pre_hook(net, layers.values(), hook, x)
     shared = sorted(n for n, c in calls.items() if c > 1)
     if shared:
         raise ValueError(f"npb: layers called more than once per forward are not supported: {shared}")
@@ -553,13 +558,7 @@ def npb_masks_and_report(
         if kind == "shortcut" and state["max_p"] is not None and state["max_p"] > MAX_P_FLOOR:
             state["max_p"] -= max_p_step
 
-    handles = [m.register_forward_pre_hook(decide) for m in layers.values()]
-    try:
-        with torch.no_grad():
-            net(x)
-    finally:
-        for h in handles:
-            h.remove()
+    _forward_with_pre_hook(net, layers.values(), decide, x)
     if fine_tune:
         _fine_tune(net, layers, order, x, reports)
 
