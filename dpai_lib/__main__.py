@@ -6,8 +6,10 @@
 * ``run params/X.yaml --budget {smoke,short,paper} [--only key=v1,v2 ...] [--shard i/n] [--stage prune]
   [--executor local|slurm|submitit-local] [--jobs N]`` - every run of an artefact through its papermill
   template; finished runs are skipped, so a sweep resumes where it stopped.
-* ``collect [ARTEFACT ...]`` - run records -> ``results/<artefact>.csv``.
-* ``status [--stage prune]`` - expected / done / failed / missing runs and their measured cost.
+* ``collect [ARTEFACT ...]`` - run records -> ``results/<artefact>.csv`` (smoke tier: ``runs/<artefact>.csv``).
+* ``status [--stage prune] [--budget B]`` - expected / done / failed / missing runs and their measured cost.
+* ``fill --budget smoke [--jobs N]`` - run the tier of every artefact whose data is missing (no finished run
+  in the short or paper tier): what ``make book`` does before it renders.
 """
 
 from __future__ import annotations
@@ -58,30 +60,51 @@ def _run(args: argparse.Namespace) -> int:
         if args.partition:
             slurm["slurm_partition"] = args.partition
     print(f"{len(runs)} runs planned ({args.budget}, stage {args.stage}, shard {args.shard})")
-    counts = run_sweep(runs, paths=Paths(), executor=args.executor, jobs=args.jobs, device=args.device, slurm=slurm)
+    counts = run_sweep(runs, paths=Paths.at(), executor=args.executor, jobs=args.jobs, device=args.device, slurm=slurm)
     print(json.dumps(counts))
     return 0 if not counts.get("failed") else 1
 
 
 def _collect(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from dpai_lib.results import artefacts, collect
 
-    from dpai_lib.pipeline import Paths
-    from dpai_lib.results import collect
-
-    names = args.artefacts or sorted(p.stem for p in Path("params").glob("*.yaml") if p.stem != "smoke")
-    for name in names:
-        print(f"{collect(Paths().store, name, 'results')}")
+    known = artefacts()
+    unknown = [a for a in args.artefacts if a not in known]
+    if unknown:
+        print(f"unknown artefacts {unknown}; known: {', '.join(known)}", file=sys.stderr)
+        return 2
+    for name in args.artefacts or known:
+        print(" ".join(str(p) for p in collect(name)))
     return 0
+
+
+def _fill(args: argparse.Namespace) -> int:
+    from dpai_lib.pipeline import Paths, plan, run_sweep
+    from dpai_lib.results import artefacts, scoreboard
+
+    board = scoreboard()
+    paths, total = Paths.at(), {}
+    for name in artefacts():
+        rows = board[board.artefact == name]
+        full = "all" if (rows.stage == "all").any() else "prune"
+        have = rows[(rows.stage == full) & rows.budget.isin(["short", "paper"])].finished.sum()
+        if have:
+            print(f"{name}: has {have} finished {full} runs in the short/paper tiers; nothing to fill")
+            continue
+        runs = plan(paths.params / f"{name}.yaml", args.budget, stage=full)
+        print(f"{name}: no short/paper data; running its {args.budget} tier ({len(runs)} runs)")
+        for k, v in run_sweep(runs, paths=paths, jobs=args.jobs, device=args.device).items():
+            total[k] = total.get(k, 0) + v
+    print(json.dumps(total))
+    return 0 if not total.get("failed") else 1
 
 
 def _status(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from dpai_lib.pipeline import Paths
     from dpai_lib.results import status
 
-    table = status("params", Paths().store, stage=args.stage)
+    table = status(stage=args.stage)
     if args.budget:
         table = table[table["budget"] == args.budget]
     with pd.option_context("display.max_rows", None, "display.width", 200):
@@ -127,6 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stage", default="all", choices=["all", "prune"])
     p.add_argument("--budget", default=None, choices=["smoke", "short", "paper"])
     p.set_defaults(func=_status)
+    p = sub.add_parser("fill", help="run a tier of every artefact that has no short/paper data yet")
+    p.add_argument("--budget", default="smoke", choices=["smoke", "short", "paper"], help="budget tier (default smoke)")
+    p.add_argument("--jobs", type=int, default=1, help="local runs at a time")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.set_defaults(func=_fill)
     args = parser.parse_args(argv)
     return args.func(args)
 

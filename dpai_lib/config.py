@@ -14,10 +14,10 @@ import typing
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -57,12 +57,19 @@ class TrainConfig(StrictModel):
     epochs: int = Field(ge=0, description="training epochs")
     batch_size: int = Field(gt=0, description="training batch size")
     test_batch_size: int = Field(gt=0, description="evaluation batch size")
-    lr: float = Field(gt=0.0, description="initial SGD learning rate")
-    momentum: float = Field(ge=0.0, lt=1.0, description="SGD momentum")
-    nesterov: bool = Field(description="Nesterov momentum")
-    weight_decay: float = Field(ge=0.0, description="L2 weight decay (SGD weight_decay, on all parameters)")
-    lr_drops: list[int] = Field(description="epochs at which the learning rate is multiplied by lr_drop_factor")
+    optimizer: Literal["sgd", "adamw"] = Field("sgd", description="sgd (momentum, nesterov) or adamw (decoupled "
+                                              "weight decay; betas 0.9, 0.999)")
+    lr: float = Field(gt=0.0, description="initial (peak, for warmup_cosine) learning rate")
+    momentum: float = Field(ge=0.0, lt=1.0, description="SGD momentum (must be 0 for adamw)")
+    nesterov: bool = Field(description="Nesterov momentum (sgd only)")
+    weight_decay: float = Field(ge=0.0, description="SGD: L2 weight decay on all parameters; AdamW: decoupled decay")
+    schedule: Literal["multistep", "warmup_cosine"] = Field(
+        "multistep", description="multistep: lr times lr_drop_factor at each epoch of lr_drops (stepped per epoch); "
+        "warmup_cosine: linear warmup over warmup_steps iterations, then cosine to 0 at the last iteration")
+    lr_drops: list[int] = Field(description="epochs at which the learning rate is multiplied by lr_drop_factor "
+                                "(multistep; must be empty for warmup_cosine)")
     lr_drop_factor: float = Field(gt=0.0, le=1.0, description="MultiStepLR gamma")
+    warmup_steps: int = Field(0, ge=0, description="warmup_cosine: iterations of linear warmup from 0")
     amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
     max_train_batches: int | None = Field(None, gt=0, description="cap on batches per epoch (smoke runs); None = all")
     max_test_batches: int | None = Field(None, gt=0, description="cap on evaluation batches (smoke runs); None = all")
@@ -73,6 +80,18 @@ class TrainConfig(StrictModel):
         if any(b <= a for a, b in zip(v, v[1:])) or any(e <= 0 for e in v):
             raise ValueError(f"lr_drops must be strictly increasing positive epochs; got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        if self.optimizer == "adamw" and (self.momentum or self.nesterov):
+            raise ValueError(f"momentum and nesterov are SGD's: with optimizer adamw they must be 0 and false; "
+                             f"got momentum={self.momentum}, nesterov={self.nesterov}")
+        if self.schedule == "warmup_cosine" and self.lr_drops:
+            raise ValueError(f"lr_drops belong to the multistep schedule; with warmup_cosine they must be []; "
+                             f"got {self.lr_drops}")
+        if self.schedule == "multistep" and self.warmup_steps:
+            raise ValueError(f"warmup_steps belongs to warmup_cosine; with multistep it must be 0; got {self.warmup_steps}")
+        return self
 
 
 class RunConfig(StrictModel):

@@ -9,8 +9,9 @@ budget tiers:
 * ``short`` - a reduced training schedule on the real data;
 * ``paper`` - the full schedule.
 
-Each tier is a set of overrides deep-merged over every run (``all``) and per pruner (``methods``); the
-tier is recorded with every run. Expansion validates every run as a :class:`~dpai_lib.config.RunConfig`,
+Each tier is a set of overrides deep-merged over every run (``all``), per setting (``settings``) and per
+pruner (``methods``), and may run a smaller grid (``seeds``, ``sparsities``); the tier is recorded with
+every run. Expansion validates every run as a :class:`~dpai_lib.config.RunConfig`,
 so a typo anywhere in a params file fails before anything runs.
 """
 
@@ -36,6 +37,9 @@ class Budget(StrictModel):
     methods: dict[str, dict[str, Any]] = Field(default_factory=dict, description="pruner name -> prune.options overrides")
     settings: dict[str, dict[str, Any]] = Field(default_factory=dict, description="setting name -> overrides")
     description: str = Field("", description="what this tier is for, in words")
+    seeds: list[int] | None = Field(None, description="run only the settings' seeds that are in this list")
+    sparsities: list[float] | None = Field(
+        None, description="run only the settings' sparsities that are in this list (a smaller grid for smoke runs)")
 
 
 class Setting(StrictModel):
@@ -69,11 +73,22 @@ class Artefact(StrictModel):
             unknown = [s for s in budget.settings if s not in self.settings]
             if unknown:
                 raise ValueError(f"budget {tier!r} overrides unknown settings {unknown}")
+            for name, setting in self.settings.items():
+                if not _keep(setting.seeds, budget.seeds) or not _keep(setting.sparsities, budget.sparsities):
+                    raise ValueError(f"budget {tier!r} keeps no seed or no sparsity of setting {name!r} "
+                                     f"(seeds {setting.seeds}, sparsities {setting.sparsities})")
         for name, setting in self.settings.items():
             unknown = [m for m in setting.methods if m not in self.methods]
             if unknown:
                 raise ValueError(f"setting {name!r} runs {unknown}, which are not under 'methods'")
         return self
+
+
+def _keep(values: list, allowed: list | None) -> list:
+    """``values`` restricted to ``allowed`` (all of them when ``allowed`` is None); floats within 1e-9."""
+    if allowed is None:
+        return list(values)
+    return [v for v in values if any(abs(float(v) - float(a)) <= 1e-9 for a in allowed)]
 
 
 @dataclass(frozen=True)
@@ -123,8 +138,8 @@ def expand(art: Artefact, budget: str) -> list[PlannedRun]:
         for method in setting.methods:
             options = deep_merge(art.methods[method], setting.method_options.get(method, {}))
             options = deep_merge(options, tier.methods.get(method, {}))
-            for sparsity in setting.sparsities:
-                for seed in setting.seeds:
+            for sparsity in _keep(setting.sparsities, tier.sparsities):
+                for seed in _keep(setting.seeds, tier.seeds):
                     raw = deep_merge(art.base, setting.config)
                     opts = dict(options)
                     pruner = opts.pop("pruner", method)

@@ -1,8 +1,11 @@
 """Sweeps over an artefact's runs: plan, execute through papermill, collect, report status.
 
-* A run is done when its record ``results/runs/<artefact>/<run_id>.json`` says so: re-running a sweep
-  skips it, so an interrupted sweep resumes where it stopped (an interrupted run resumes from its last
-  epoch checkpoint in ``runs/work/<run_id>/``).
+* The store is content-addressed: a run's record is ``results/runs/<run_id>.json`` (smoke-tier runs:
+  ``runs/smoke/<run_id>.json``, never committed), and the run id is the hash of the run's configuration. Artefacts that contain the same configuration (fig5's DPaI runs are
+  fig1's) share one record; which artefacts a record belongs to is decided by expanding the params files,
+  never by where the record lies.
+* A run is done when its record says so: re-running a sweep skips it, so an interrupted sweep resumes
+  where it stopped (an interrupted run resumes from its last epoch checkpoint in ``runs/work/<run_id>/``).
 * A run is claimed with an exclusive lock file (``<run_id>.lock`` in the work folder's ``locks``,
   created atomically; a lock whose process is gone is taken over), so two runners on one store never
   run it twice, and records are written atomically, so none is lost or half-written.
@@ -36,10 +39,25 @@ FINISHED = ("done", "diverged")
 
 @dataclass(frozen=True)
 class Paths:
-    store: Path = ROOT / "results" / "runs"
-    work: Path = ROOT / "runs" / "work"
-    logs: Path = ROOT / "runs" / "logs"
+    """Where a sweep reads and writes. The default is the repository's folders (``DPAI_ROOT`` overrides the
+    repository root, e.g. to keep results of an installed package in a working folder)."""
+
+    store: Path = ROOT / "results" / "runs"  # run records of the short and paper tiers, <run_id>.json
+    smoke_store: Path = ROOT / "runs" / "smoke"  # run records of the smoke tier (offline stand-in data)
+    work: Path = ROOT / "runs" / "work"  # checkpoints, mask files, locks
+    logs: Path = ROOT / "runs" / "logs"  # executed notebooks, <artefact>/<run_id>.ipynb
     params: Path = ROOT / "params"  # where <artefact>.yaml is read from by executing processes
+
+    @classmethod
+    def at(cls, root: str | os.PathLike | None = None) -> Paths:
+        """The folders under ``root`` (default: ``$DPAI_ROOT`` or the repository)."""
+        root = Path(root or os.environ.get("DPAI_ROOT") or ROOT)
+        return cls(root / "results" / "runs", root / "runs" / "smoke", root / "runs" / "work", root / "runs" / "logs",
+                   root / "params")
+
+    def records_dir(self, budget: str) -> Path:
+        """Where records of a budget tier live: smoke runs are kept apart from the committed results."""
+        return self.smoke_store if budget == "smoke" else self.store
 
 
 def _matches(run: PlannedRun, only: dict[str, list[str]]) -> bool:
@@ -83,7 +101,7 @@ def plan(params: str | os.PathLike, budget: str, *, only: dict[str, list[str]] |
 
 
 def record_path(run: PlannedRun, paths: Paths) -> Path:
-    return paths.store / run.artefact / f"{run_id(run.config)}.json"
+    return paths.records_dir(run.budget) / f"{run_id(run.config)}.json"
 
 
 def is_done(run: PlannedRun, paths: Paths) -> bool:
@@ -159,7 +177,7 @@ def execute_run(run: PlannedRun, paths: Paths, device: str = "auto", threads: in
             papermill.execute_notebook(
                 notebook, str(log), kernel_name="python3", cwd=str(ROOT), progress_bar=False,
                 parameters={"config_json": json.dumps(run.config.canonical()),
-                            "records_dir": str(paths.store / run.artefact), "work_dir": str(paths.work),
+                            "records_dir": str(paths.records_dir(run.budget)), "work_dir": str(paths.work),
                             "labels_json": json.dumps(labels), "device": device, "threads": threads})
         except Exception as exc:  # the notebook records its own failures; this covers everything before
             record_file = record_path(run, paths)
@@ -184,11 +202,12 @@ def _local_slots(jobs: int, device: str) -> list[tuple[str, int]]:
     return [(dev, max(1, (os.cpu_count() or 1) // jobs)) for _ in range(jobs)]
 
 
-def run_sweep(runs: list[PlannedRun], *, paths: Paths = Paths(), executor: str = "local", jobs: int = 1,
+def run_sweep(runs: list[PlannedRun], *, paths: Paths | None = None, executor: str = "local", jobs: int = 1,
               device: str = "auto", slurm: dict[str, Any] | None = None, progress: bool = True) -> dict[str, int]:
     """Execute ``runs`` (skipping finished ones); returns counts by final status."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
+    paths = paths or Paths.at()
     if executor not in EXECUTORS:
         raise ValueError(f"unknown executor {executor!r}; allowed: {', '.join(EXECUTORS)}")
     if jobs < 1:

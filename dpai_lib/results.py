@@ -4,6 +4,10 @@ Columns of ``results/<artefact>.csv`` (one row per record; see :data:`COLUMNS`):
 method, budget), the configuration (dataset, model, sparsity, seed, stage), the status, the masks'
 effective paths / nodes / kernels / params in our exact definition and in the DPaI release's, the
 pruning time, accuracies, and where the run was made (device, threads, commit).
+
+Readers for the book: :func:`load_table` (the collected CSV), :func:`artefact_records` (the full records,
+e.g. DPaI's per-step trace), :func:`load_paper` (the paper's numbers, transcribed with their source) and
+:func:`scoreboard` (which artefacts are complete, partial or not run, by tier).
 """
 
 from __future__ import annotations
@@ -11,12 +15,15 @@ from __future__ import annotations
 import os
 import statistics
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from dpai_lib.params import BUDGETS, expand, load_artefact
+from dpai_lib.params import BUDGETS, PlannedRun, load_artefact
 from dpai_lib.runs import load_record, run_id
+
+if TYPE_CHECKING:
+    from dpai_lib.pipeline import Paths
 
 COLUMNS = [
     "artefact", "setting", "method", "pruner", "budget", "stage", "dataset", "model", "sparsity", "seed", "run_id",
@@ -49,46 +56,149 @@ def record_row(artefact: str, rec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def records(store: str | os.PathLike, artefact: str) -> list[dict[str, Any]]:
-    folder = Path(store) / artefact
-    return [load_record(p) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+def _paths(paths: Paths | None) -> Paths:
+    from dpai_lib.pipeline import Paths
+
+    return paths or Paths.at()
 
 
-def collect(store: str | os.PathLike, artefact: str, out_dir: str | os.PathLike) -> Path:
-    """Write ``out_dir/<artefact>.csv`` from the artefact's records (sorted, schema :data:`COLUMNS`)."""
-    rows = [record_row(artefact, r) for r in records(store, artefact)]
-    df = pd.DataFrame(rows, columns=COLUMNS).sort_values(["setting", "method", "sparsity", "seed", "stage", "budget"])
-    path = Path(out_dir) / f"{artefact}.csv"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
-    return path
+def artefact_runs(artefact: str, *, paths: Paths | None = None) -> list[PlannedRun]:
+    """Every planned run of an artefact: each budget tier (paper first), the full runs and their data-free
+    (prune-only) part; a configuration that several tiers or stages share is listed once, under the first."""
+    from dpai_lib.pipeline import plan
+
+    params_dir = _paths(paths).params
+    art = load_artefact(params_dir / f"{artefact}.yaml")
+    stages = ("all", "prune") if "train" in art.stages else ("prune",)
+    seen: set[str] = set()
+    runs = []
+    for budget in reversed(BUDGETS):
+        for stage in stages:
+            for r in plan(params_dir / f"{artefact}.yaml", budget, stage=stage):
+                rid = run_id(r.config)
+                if rid not in seen:
+                    seen.add(rid)
+                    runs.append(r)
+    return runs
 
 
-def status(params_dir: str | os.PathLike, store: str | os.PathLike, stage: str = "all") -> pd.DataFrame:
+def artefact_records(artefact: str, budget: str | None = None, stage: str | None = None, *,
+                     paths: Paths | None = None) -> list[dict[str, Any]]:
+    """The run records of an artefact's planned runs that exist in the store, with ``labels`` set to this
+    artefact's (setting, method, budget) - a record shared with another artefact keeps its own labels on
+    disk. ``budget`` (smoke|short|paper) and ``stage`` (prune|all) filter."""
+    paths = _paths(paths)
+    out = []
+    for r in artefact_runs(artefact, paths=paths):
+        path = paths.records_dir(r.budget) / f"{run_id(r.config)}.json"
+        if not path.exists():
+            continue
+        run_stage = "prune" if r.config.train is None else "all"
+        if (budget is not None and r.budget != budget) or (stage is not None and run_stage != stage):
+            continue
+        rec = load_record(path)
+        rec["labels"] = {"artefact": artefact, "setting": r.setting, "method": r.method, "budget": r.budget}
+        out.append(rec)
+    return out
+
+
+def _table_path(artefact: str, budget: str, paths: Paths) -> Path:
+    return paths.records_dir(budget).parent / f"{artefact}.csv"
+
+
+def collect(artefact: str, *, paths: Paths | None = None) -> list[Path]:
+    """Write the artefact's records as tidy CSVs (schema :data:`COLUMNS`, one row per record, sorted):
+    ``results/<artefact>.csv`` from the short and paper tiers (committed) and ``runs/<artefact>.csv`` from
+    the smoke tier (local only, where there are smoke records)."""
+    paths = _paths(paths)
+    recs = artefact_records(artefact, paths=paths)
+    out = []
+    for smoke in (False, True):
+        rows = [record_row(artefact, r) for r in recs if (r["labels"]["budget"] == "smoke") == smoke]
+        path = _table_path(artefact, "smoke" if smoke else "paper", paths)
+        if smoke and not rows:
+            path.unlink(missing_ok=True)
+            continue
+        df = pd.DataFrame(rows, columns=COLUMNS).sort_values(["setting", "method", "sparsity", "seed", "stage", "budget"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        df.to_csv(tmp, index=False)
+        os.replace(tmp, path)
+        out.append(path)
+    return out
+
+
+def artefacts(paths: Paths | None = None) -> list[str]:
+    """The artefact names: every params file except the single-run ``smoke.yaml``."""
+    return sorted(p.stem for p in _paths(paths).params.glob("*.yaml") if p.stem != "smoke")
+
+
+def load_table(artefact: str, *, smoke: bool = True, paths: Paths | None = None) -> pd.DataFrame:
+    """The artefact's collected results: ``results/<artefact>.csv`` and, with ``smoke``, the local smoke-tier
+    rows (``budget == "smoke"``: offline stand-in data); an empty frame with :data:`COLUMNS` if none."""
+    paths = _paths(paths)
+    parts = [pd.read_csv(p) for p in [_table_path(artefact, "paper", paths)]
+             + ([_table_path(artefact, "smoke", paths)] if smoke else []) if p.exists()]
+    parts = [p for p in parts if len(p)]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=COLUMNS)
+
+
+PAPER_COLUMNS = ["artefact", "setting", "method", "sparsity", "metric", "value", "std", "source", "certainty", "note"]
+
+
+def load_paper(artefact: str, *, paths: Paths | None = None) -> pd.DataFrame:
+    """The paper's numbers for an artefact, transcribed once with their source (``results/paper/<artefact>.csv``,
+    long format :data:`PAPER_COLUMNS`); an empty frame where the paper's numbers were not available."""
+    path = _paths(paths).store.parent / "paper" / f"{artefact}.csv"
+    if not path.exists():
+        return pd.DataFrame(columns=PAPER_COLUMNS)
+    df = pd.read_csv(path)
+    if list(df.columns) != PAPER_COLUMNS:
+        raise ValueError(f"{path}: columns must be {PAPER_COLUMNS}; got {list(df.columns)}")
+    return df
+
+
+def status(stage: str = "all", *, paths: Paths | None = None) -> pd.DataFrame:
     """Expected / done / failed / missing runs per artefact, budget, setting and method, with the measured
     median cost (total seconds) of the finished runs and the estimated hours of the unfinished ones."""
     from dpai_lib.pipeline import plan
 
+    paths = _paths(paths)
     rows = []
-    for path in sorted(Path(params_dir).glob("*.yaml")):
-        if path.stem == "smoke":
-            continue
-        found = {r["run_id"]: r for r in records(store, path.stem)}
+    for name in artefacts(paths):
         for budget in BUDGETS:
             groups: dict[tuple[str, str], list] = {}
-            for r in plan(path, budget, stage=stage):
-                groups.setdefault((r.setting, r.method), []).append(found.get(run_id(r.config), {}))
+            for r in plan(paths.params / f"{name}.yaml", budget, stage=stage):
+                path = paths.records_dir(budget) / f"{run_id(r.config)}.json"
+                groups.setdefault((r.setting, r.method), []).append(load_record(path) if path.exists() else {})
             for (setting, method), recs in groups.items():
                 states = [r.get("status", "missing") for r in recs]
                 costs = [r["timings"]["total_s"] for r in recs if r.get("status") == "done"]
                 median = statistics.median(costs) if costs else None
                 todo = len(recs) - states.count("done") - states.count("diverged")
-                rows.append({"artefact": path.stem, "budget": budget, "stage": stage, "setting": setting,
+                rows.append({"artefact": name, "budget": budget, "stage": stage, "setting": setting,
                              "method": method, "expected": len(recs), "done": states.count("done"),
                              "diverged": states.count("diverged"), "failed": states.count("failed"),
                              "missing": todo - states.count("failed"),
                              "median_run_s": None if median is None else round(median, 1),
                              "todo_cost_h": None if median is None else round(todo * median / 3600, 2)})
+    return pd.DataFrame(rows)
+
+
+def scoreboard(*, paths: Paths | None = None) -> pd.DataFrame:
+    """Per artefact, budget tier and stage (``prune``: the data-free masks; ``all``: pruned and trained,
+    only for artefacts that train): expected and finished runs and a state, ``complete`` / ``partial`` /
+    ``not run``."""
+    paths = _paths(paths)
+    table = pd.concat([status("prune", paths=paths), status("all", paths=paths)])
+    rows = []
+    for name in artefacts(paths):
+        trains = "train" in load_artefact(paths.params / f"{name}.yaml").stages
+        for budget in BUDGETS:
+            for stage in ("prune", "all") if trains else ("prune",):
+                part = table[(table.artefact == name) & (table.budget == budget) & (table.stage == stage)]
+                expected, finished = int(part.expected.sum()), int(part.done.sum() + part.diverged.sum())
+                state = "complete" if finished == expected else "partial" if finished else "not run"
+                rows.append({"artefact": name, "budget": budget, "stage": stage, "expected": expected,
+                             "finished": finished, "failed": int(part.failed.sum()), "state": state})
     return pd.DataFrame(rows)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from dpai_lib.config import TrainConfig
 from dpai_lib.data import TensorData, augment, normalize
@@ -131,6 +131,32 @@ def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def make_optimizer(model: nn.Module, config: TrainConfig,
+                   batches_per_epoch: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """The optimiser and learning-rate schedule of ``config``. ``multistep`` is stepped once per epoch;
+    ``warmup_cosine`` once per iteration: ``lr * s / warmup_steps`` for the first ``warmup_steps`` iterations,
+    then ``lr * (1 + cos(pi * t)) / 2`` with ``t`` going from 0 to 1 over the remaining iterations."""
+    if config.optimizer == "sgd":
+        optimizer: torch.optim.Optimizer = torch.optim.SGD(
+            model.parameters(), lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
+            weight_decay=config.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    if config.schedule == "multistep":
+        return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=config.lr_drops,
+                                                                gamma=config.lr_drop_factor)
+    total, warmup = config.epochs * batches_per_epoch, config.warmup_steps
+    if warmup >= total > 0:
+        raise ValueError(f"warmup_steps ({warmup}) must be below the run's iterations (epochs x batches = {total})")
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / warmup
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def train(
     model: nn.Module,
     masks: Masks,
@@ -158,9 +184,9 @@ def train(
         if isinstance(train_data, TensorData) and train_data.images.numel() <= GPU_RESIDENT_LIMIT:
             train_data, test_data = train_data.to(device), (
                 test_data.to(device) if isinstance(test_data, TensorData) else test_data)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                                nesterov=config.nesterov, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=config.lr_drops, gamma=config.lr_drop_factor)
+    n_train = _num_batches(train_data, config.batch_size, config.max_train_batches)
+    optimizer, scheduler = make_optimizer(model, config, n_train)
+    per_iteration = config.schedule == "warmup_cosine"
     enforcer = masks.enforce(model, optimizer)
     fingerprint = {"config": config.model_dump(mode="json"), "seed": seed, "kept": masks.layer_kept()}
 
@@ -183,7 +209,6 @@ def train(
         enforcer()
 
     check_every = 1 if device.type == "cpu" else 25
-    n_train = _num_batches(train_data, config.batch_size, config.max_train_batches)
     epochs = tqdm(range(start_epoch, config.epochs), desc="epochs", initial=start_epoch, total=config.epochs,
                   disable=not progress, unit="ep")
     for epoch in epochs:
@@ -212,10 +237,13 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()  # the mask enforcer re-zeroes pruned weights in a step post-hook
+            if per_iteration:
+                scheduler.step()
             loss_sum += loss.detach().double() * len(y)
             correct += (out.detach().argmax(1) == y).sum()
             seen += len(y)
-        scheduler.step()
+        if not per_iteration:
+            scheduler.step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # the epoch's kernels are done before the clock is read
         train_seconds = time.perf_counter() - t0

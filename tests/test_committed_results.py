@@ -1,5 +1,6 @@
-"""Committed results: every record belongs to its artefact's current grid, none is a smoke run, and the
-collected CSV is exactly the records."""
+"""Committed results: every record belongs to a current grid, is finished, clean and not a smoke run; every
+collected CSV is exactly its artefact's records; and the data-free grid the paper's artefacts need (seed 0
+of every data-free method, network and sparsity) is covered."""
 
 from pathlib import Path
 
@@ -7,24 +8,39 @@ import pandas as pd
 import pytest
 
 from dpai_lib.pipeline import plan
-from dpai_lib.results import COLUMNS
+from dpai_lib.pruners import needs_data
+from dpai_lib.results import COLUMNS, artefact_records, artefact_runs, artefacts
 from dpai_lib.runs import load_record, run_id
 
 ROOT = Path(__file__).resolve().parents[1]
-ARTEFACTS = sorted(p.name for p in (ROOT / "results" / "runs").glob("*") if p.is_dir())
+RECORDS = sorted((ROOT / "results" / "runs").glob("*.json"))
+DATA_FREE = ["fig1_main", "fig2_alpha_beta", "fig3_prune_time", "fig5_convergence", "table7_erk_vs_uniform",
+             "table8_extreme"]
 
 
-@pytest.mark.parametrize("artefact", ARTEFACTS)
-def test_committed_records_are_current_finished_and_collected(artefact):
-    params = ROOT / "params" / f"{artefact}.yaml"
-    assert params.exists(), f"results for {artefact} but no params file"
-    current = {run_id(r.config) for budget in ("short", "paper") for stage in ("all", "prune")
-               for r in plan(params, budget, stage=stage)}
-    records = [load_record(p) for p in sorted((ROOT / "results" / "runs" / artefact).glob("*.json"))]
-    for rec in records:
-        assert rec["run_id"] in current, f"{rec['run_id']} is not in {artefact}'s current grid (stale record)"
+def test_every_committed_record_is_current_finished_clean_and_not_smoke():
+    current = {run_id(r.config) for a in artefacts() for r in artefact_runs(a) if r.budget != "smoke"}
+    assert RECORDS, "no committed records"
+    for path in RECORDS:
+        rec = load_record(path)
+        assert path.stem == rec["run_id"], f"{path.name} holds run {rec['run_id']}"
+        assert rec["run_id"] in current, f"{path.name} is in no artefact's current grid (stale record)"
         assert rec["status"] == "done" and rec["labels"]["budget"] != "smoke"
-        assert rec["provenance"]["git_dirty"] is False, "results must come from committed code"
+        assert rec["provenance"]["git_dirty"] is False, f"{path.name}: results must come from committed code"
+
+
+@pytest.mark.parametrize("artefact", sorted(p.stem for p in (ROOT / "results").glob("*.csv")))
+def test_collected_tables_are_exactly_their_records(artefact):
     table = pd.read_csv(ROOT / "results" / f"{artefact}.csv")
     assert list(table.columns) == COLUMNS
-    assert sorted(table["run_id"]) == sorted(r["run_id"] for r in records)
+    assert sorted(table["run_id"]) == sorted(r["run_id"] for r in artefact_records(artefact))
+
+
+@pytest.mark.parametrize("artefact", DATA_FREE)
+def test_the_data_free_seed_0_grid_is_committed(artefact):
+    """The issue's minimum: seed 0 of every cell that needs no data set, at the paper budget."""
+    done = {r["run_id"] for r in artefact_records(artefact, budget="paper", stage="prune")}
+    wanted = [r for r in plan(ROOT / "params" / f"{artefact}.yaml", "paper", stage="prune")
+              if r.config.seed == 0 and not needs_data(r.config.prune.method)]
+    missing = [f"{r.setting}/{r.method}/{r.config.prune.sparsity:.4f}" for r in wanted if run_id(r.config) not in done]
+    assert wanted and not missing, f"{artefact}: {len(missing)} of {len(wanted)} seed-0 data-free runs missing: {missing}"

@@ -80,3 +80,19 @@ def test_appendix_tables_and_prune_only_figures_expand_to_their_grids():
     for name in ("fig3_prune_time", "fig5_convergence"):
         assert all(r.config.train is None for r in expand(load_artefact(p / f"{name}.yaml"), "paper"))
     assert len(expand(load_artefact(p / "fig3_prune_time.yaml"), "paper")) == 3 * 7 * 4
+
+
+def test_imagenet_and_vit_tables_expand_to_their_grids_with_warmup_cosine_training():
+    p = PARAMS[0].parent
+    t1 = expand(load_artefact(p / "table1_imagenet.yaml"), "paper")
+    assert {(r.method, r.config.model.name, r.config.data.name) for r in t1} == {
+        ("synflow", "efficientnet_b0", "imagenet"), ("dpai", "efficientnet_b0", "imagenet")}
+    assert len(t1) == 2 * 2 * 3 and {r.config.prune.sparsity for r in t1} == {0.7, 0.95}
+    t9 = expand(load_artefact(p / "table9_vit.yaml"), "paper")
+    assert sorted({r.method for r in t9}) == ["dpai", "random", "synflow"] and len(t9) == 3 * 3
+    assert {r.config.prune.sparsity for r in t9} == {0.99} and t9[0].config.model.options == {"image_size": 64}
+    for r in t1 + t9:
+        assert r.config.train.schedule == "warmup_cosine" and r.config.train.warmup_steps == 10_000
+    assert {r.config.train.optimizer for r in t9} == {"adamw"} and {r.config.train.optimizer for r in t1} == {"sgd"}
+    smoke = expand(load_artefact(p / "table9_vit.yaml"), "smoke")
+    assert len(smoke) == 3 and smoke[0].config.data.name == "synthetic" and smoke[0].config.seed == 0

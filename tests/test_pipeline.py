@@ -1,6 +1,7 @@
 """Sweeps: papermill execution, skip/resume, two runners on one store, failures, submitit, CSV schema."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -12,8 +13,9 @@ import pytest
 import yaml
 
 from dpai_lib import build_model
+from dpai_lib.config import ConfigError
 from dpai_lib.pipeline import ROOT, Paths, parse_only, plan, run_sweep
-from dpai_lib.results import COLUMNS, collect, status
+from dpai_lib.results import COLUMNS, artefact_records, collect, scoreboard, status
 from dpai_lib.runs import load_record, run_id
 from dpai_lib.sparsity import layer_kept_counts
 
@@ -36,17 +38,15 @@ TINY = {
 
 @pytest.fixture()
 def tiny(tmp_path):
-    params = tmp_path / "params"
-    params.mkdir()
-    (params / "tiny.yaml").write_text(yaml.safe_dump(TINY))
-    paths = Paths(store=tmp_path / "store", work=tmp_path / "work", logs=tmp_path / "logs", params=params)
-    return params / "tiny.yaml", paths
+    paths = Paths.at(tmp_path)
+    paths.params.mkdir()
+    (paths.params / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    return paths.params / "tiny.yaml", paths
 
 
 def _cli(params_file: Path, paths: Paths, *extra: str) -> subprocess.Popen:
     code = ("import sys, json; from pathlib import Path; from dpai_lib.pipeline import Paths, plan, run_sweep; "
-            f"p = Paths(Path({str(paths.store)!r}), Path({str(paths.work)!r}), Path({str(paths.logs)!r}), "
-            f"Path({str(paths.params)!r})); "
+            f"p = Paths.at(Path({str(paths.params.parent)!r})); "
             f"print(json.dumps(run_sweep(plan({str(params_file)!r}, 'smoke'), paths=p, device='cpu', progress=False)))")
     return subprocess.Popen([sys.executable, "-c", code, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, cwd=ROOT, start_new_session=True)
@@ -58,17 +58,20 @@ def test_sweep_runs_the_template_skips_finished_runs_and_collects_a_tidy_csv(tin
     assert len(runs) == 4
     assert run_sweep(runs, paths=paths, device="cpu", progress=False) == {"skipped": 0, "done": 4}
     for r in runs:
-        rec = load_record(paths.store / "tiny" / f"{run_id(r.config)}.json")
+        rec = load_record(paths.smoke_store / f"{run_id(r.config)}.json")
         assert rec["status"] == "done" and rec["labels"] == {"artefact": "tiny", "setting": "r20",
                                                              "method": r.method, "budget": "smoke"}
         assert (paths.logs / "tiny" / f"{run_id(r.config)}.ipynb").exists()  # the executed notebook is the log
     assert run_sweep(runs, paths=paths, device="cpu", progress=False) == {"skipped": 4}
-    df = pd.read_csv(collect(paths.store, "tiny", tmp_path / "out"))
+    assert collect("tiny", paths=paths) == [tmp_path / "results" / "tiny.csv", tmp_path / "runs" / "tiny.csv"]
+    committed = pd.read_csv(tmp_path / "results" / "tiny.csv")  # smoke runs never reach results/
+    assert list(committed.columns) == COLUMNS and committed.empty
+    df = pd.read_csv(tmp_path / "runs" / "tiny.csv")
     assert list(df.columns) == COLUMNS and len(df) == 4 and set(df["status"]) == {"done"}
     assert (df.loc[df["method"] == "magnitude", "kept"] == 270_896 - int(0.9 * 270_896)).all()  # global top-k
     erk = sum(layer_kept_counts(build_model("resnet20", 10), 0.9, "erk").values())
     assert (df.loc[df["method"] == "random", "kept"] == erk).all() and df["log_paths"].notna().all()
-    st = status(params_file.parent, paths.store)
+    st = status(paths=paths)
     smoke = st[st["budget"] == "smoke"]
     assert smoke["expected"].sum() == 4 and smoke["done"].sum() == 4 and smoke["missing"].sum() == 0
 
@@ -77,21 +80,19 @@ def test_killed_sweep_resumes_and_two_runners_neither_lose_nor_duplicate(tiny):
     params_file, paths = tiny
     first = _cli(params_file, paths)
     deadline = time.time() + 120
-    while time.time() < deadline and not list((paths.store / "tiny").glob("*.json")):
+    while time.time() < deadline and not list(paths.smoke_store.glob("*.json")):
         time.sleep(0.5)
-    import os
-
     os.killpg(first.pid, signal.SIGKILL)  # the runner and its kernel die mid-sweep
     first.wait()
     a, b = _cli(params_file, paths), _cli(params_file, paths)  # two runners on the same store
     outs = [json.loads(p.communicate(timeout=600)[0].strip().splitlines()[-1]) for p in (a, b)]
-    records = sorted((paths.store / "tiny").glob("*.json"))
+    records = sorted(paths.smoke_store.glob("*.json"))
     assert len(records) == 4 and all(load_record(r)["status"] == "done" for r in records)
     executed = sum(o.get("done", 0) for o in outs)
     finished_before = 4 - executed
     assert finished_before >= 1  # the killed runner had finished at least one run
     assert all(o.get("failed", 0) == 0 for o in outs)
-    assert not list(paths.store.rglob(".*.tmp"))
+    assert not list(paths.smoke_store.rglob(".*.tmp"))
 
 
 def test_a_failing_run_is_recorded_and_the_sweep_goes_on(tiny):
@@ -102,7 +103,7 @@ def test_a_failing_run_is_recorded_and_the_sweep_goes_on(tiny):
     counts = run_sweep(plan(params_file, "smoke", only=parse_only(["seed=0"])), paths=paths, device="cpu",
                        progress=False)
     assert counts == {"skipped": 0, "done": 1, "failed": 1}
-    failed = [load_record(p) for p in (paths.store / "tiny").glob("*.json") if load_record(p)["status"] == "failed"]
+    failed = [load_record(p) for p in paths.smoke_store.glob("*.json") if load_record(p)["status"] == "failed"]
     assert len(failed) == 1 and "no_such_option" in failed[0]["error"]
 
 
@@ -113,6 +114,42 @@ def test_submitit_local_executor_runs_a_small_sweep(tiny):
     counts = run_sweep(runs, paths=paths, executor="submitit-local", device="cpu", progress=False,
                        slurm={"timeout_min": 10})
     assert counts == {"skipped": 0, "done": 1}
+
+
+def test_artefacts_share_records_of_identical_runs_and_fill_runs_only_what_is_missing(tiny, tmp_path):
+    params_file, paths = tiny
+    twin = dict(TINY, artefact="twin", methods={"rand": {"pruner": "random", "budget": "erk"}})
+    twin["settings"] = {"again": dict(TINY["settings"]["r20"], methods=["rand"], seeds=[1])}
+    (paths.params / "twin.yaml").write_text(yaml.safe_dump(twin))
+    assert run_sweep(plan(params_file, "smoke", only=parse_only(["method=random"])), paths=paths, device="cpu",
+                     progress=False) == {"skipped": 0, "done": 2}
+    assert run_sweep(plan(paths.params / "twin.yaml", "smoke"), paths=paths, device="cpu", progress=False) == {
+        "skipped": 1}  # the same configuration under another artefact's names: one record
+    shared = artefact_records("twin", paths=paths)
+    assert [r["labels"]["method"] for r in shared] == ["rand"] and shared[0]["labels"]["setting"] == "again"
+    assert shared[0]["config"]["seed"] == 1
+    board = scoreboard(paths=paths).set_index(["artefact", "budget", "stage"])
+    assert board.loc[("twin", "smoke", "all"), "state"] == "complete"
+    assert board.loc[("tiny", "smoke", "all"), ["expected", "finished", "state"]].tolist() == [4, 2, "partial"]
+    assert board.loc[("tiny", "paper", "all"), "state"] == "not run"
+    # fill runs the smoke tier of artefacts without short/paper data: here the two runs tiny still lacks
+    out = subprocess.run([sys.executable, "-m", "dpai_lib", "fill", "--budget", "smoke", "--device", "cpu"],
+                         capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "DPAI_ROOT": str(tmp_path)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"skipped": 3, "done": 2}
+    assert scoreboard(paths=paths).query("budget == 'smoke' and stage == 'all'")["state"].tolist() == [
+        "complete", "complete"]
+
+
+def test_budget_tiers_can_run_a_smaller_grid(tiny):
+    params_file, _ = tiny
+    raw = dict(TINY, budgets={"smoke": {"seeds": [1]}, "short": {"sparsities": [0.9]}, "paper": {}})
+    params_file.write_text(yaml.safe_dump(raw))
+    assert [r.config.seed for r in plan(params_file, "smoke")] == [1, 1]
+    assert len(plan(params_file, "short")) == 4
+    params_file.write_text(yaml.safe_dump(dict(raw, budgets={**raw["budgets"], "smoke": {"seeds": [7]}})))
+    with pytest.raises(ConfigError, match="keeps no seed or no sparsity of setting 'r20'"):
+        plan(params_file, "smoke")
 
 
 def test_plan_filters_shards_and_prune_stage(tiny):

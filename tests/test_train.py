@@ -111,3 +111,45 @@ def test_bad_device_is_a_clear_error(synthetic):
     model, masks = _setup()
     with pytest.raises(ValueError, match="device 'gpu9'|invalid device"):
         train(model, masks, *synthetic, train_cfg(), seed=0, device="gpu9", progress=False)
+
+
+def test_warmup_cosine_schedule_follows_its_formula_per_iteration():
+    import math
+
+    from dpai_lib.trainer import make_optimizer
+
+    cfg = train_cfg(optimizer="adamw", momentum=0.0, schedule="warmup_cosine", lr=0.2, lr_drops=[],
+                    warmup_steps=2, epochs=2)
+    opt, sched = make_optimizer(nn.Linear(3, 2), cfg, batches_per_epoch=5)
+    assert isinstance(opt, torch.optim.AdamW) and opt.param_groups[0]["weight_decay"] == 5e-4
+    lrs = []
+    for _ in range(11):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    # 10 iterations: warmup 0, 0.1 over 2 steps, then 0.2 * (1 + cos(pi * k / 8)) / 2 for k = 0..8
+    expected = [0.0, 0.1] + [0.2 * (1 + math.cos(math.pi * k / 8)) / 2 for k in range(9)]
+    assert lrs == pytest.approx(expected, abs=1e-12)
+    assert lrs[6] == pytest.approx(0.1) and lrs[10] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_adamw_warmup_cosine_training_keeps_masks_and_bad_combinations_are_refused(synthetic):
+    from dpai_lib.config import ConfigError, validate_config
+    from conftest import run_dict
+
+    train_set, test_set = (_small(d, 256) for d in synthetic)
+    model, masks = _setup()
+    cfg = train_cfg(optimizer="adamw", momentum=0.0, schedule="warmup_cosine", lr=1e-3, lr_drops=[],
+                    warmup_steps=3, epochs=1)
+    result = train(model, masks, train_set, test_set, cfg, seed=0, device="cpu", progress=False)
+    assert result.status == "completed"
+    params = prunable_parameters(model)
+    assert all(bool((params[n][~m] == 0).all()) for n, m in masks.items())
+    for bad, match in [({"optimizer": "adamw"}, "momentum and nesterov are SGD's"),
+                       ({"schedule": "warmup_cosine", "lr_drops": [1]}, "lr_drops belong to the multistep"),
+                       ({"warmup_steps": 5}, "warmup_steps belongs to warmup_cosine"),
+                       ({"optimizer": "adam"}, "optimizer")]:
+        raw = run_dict()
+        raw["train"].update(bad)
+        with pytest.raises(ConfigError, match=match):
+            validate_config(raw)

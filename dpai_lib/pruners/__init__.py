@@ -46,6 +46,12 @@ def list_pruners() -> list[str]:
     return PRUNERS.names()
 
 
+def needs_data(method: str) -> bool:
+    """Whether ``method`` scores with data batches (SNIP, GraSP, ...) or is data-free (random, SynFlow, DPaI, ...)."""
+    _load_builtin()
+    return bool(PRUNERS.get(method).needs_data)  # type: ignore[attr-defined]
+
+
 def pruner_hparams(method: str) -> dict[str, Any]:
     """The hyper-parameters ``method`` accepts, with their defaults."""
     _load_builtin()

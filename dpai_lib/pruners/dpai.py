@@ -38,7 +38,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 from torch.func import functional_call
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from dpai_lib.masks import Masks, prunable_parameters
 from dpai_lib.pruners import register_pruner
