@@ -162,3 +162,15 @@ def test_dpai_raises_the_effective_path_count_over_random_erk_at_99_percent_on_r
                     for s in range(3)]
     dpai = node_path_stats(model, prune(model, "dpai", 0.99, input_shape=shape, steps=300), shape)
     assert dpai["log_paths"] > max(random_paths) + 1.0
+
+
+def test_efficientnet_se_convs_keep_their_initial_random_erk_mask_as_in_the_release():
+    """SE blocks are identities in the pruning network: their convs get no path gradient, so their masks
+    are the top-k of the initial scores, whatever the number of steps; every layer keeps its ERK count."""
+    model = build_model("efficientnet_b0", 10)
+    a = prune(model, "dpai", 0.95, input_shape=(3, 32, 32), seed=3, steps=0)
+    b = prune(model, "dpai", 0.95, input_shape=(3, 32, 32), seed=3, steps=3)
+    assert b.layer_kept() == layer_kept_counts(model, 0.95, "erk")
+    se = [n for n in b if ".fc1." in n or ".fc2." in n]
+    assert len(se) == 2 * 16 and all(torch.equal(a[n], b[n]) for n in se)
+    assert any(not torch.equal(a[n], b[n]) for n in b if n not in se)

@@ -96,3 +96,4 @@ def test_imagenet_and_vit_tables_expand_to_their_grids_with_warmup_cosine_traini
     assert {r.config.train.optimizer for r in t9} == {"adamw"} and {r.config.train.optimizer for r in t1} == {"sgd"}
     smoke = expand(load_artefact(p / "table9_vit.yaml"), "smoke")
     assert len(smoke) == 3 and smoke[0].config.data.name == "synthetic" and smoke[0].config.seed == 0
+    assert smoke[0].config.model.name == "vit_tiny"  # the CPU stand-in for ViT-B/16

@@ -82,6 +82,7 @@ class ReleasePathCount:
     def __init__(self, model: nn.Module, input_shape: tuple[int, ...]) -> None:
         self.net = pruning_copy(model)
         self.names = list(prunable_parameters(self.net))
+        self.present = set(dict(self.net.named_parameters()))  # without the convs of blocks made identities (SE)
         self.logs: list[torch.Tensor] = []
         device = next(self.net.parameters()).device
         self.x = torch.ones(1, *input_shape, device=device)
@@ -100,6 +101,7 @@ class ReleasePathCount:
 
     def __call__(self, weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
         self.logs = []
+        weights = {n: w for n, w in weights.items() if n in self.present}
         out = functional_call(self.net, {**self.zero_biases, **weights}, (self.x,))
         return torch.log(out.sum()) + torch.stack(self.logs).sum()
 
