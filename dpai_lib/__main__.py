@@ -8,8 +8,8 @@
   template; finished runs are skipped, so a sweep resumes where it stopped.
 * ``collect [ARTEFACT ...]`` - run records -> ``results/<artefact>.csv`` (smoke tier: ``runs/<artefact>.csv``).
 * ``status [--stage prune] [--budget B]`` - expected / done / failed / missing runs and their measured cost.
-* ``fill --budget smoke [--jobs N]`` - run the tier of every artefact whose data is missing (no finished run
-  in the short or paper tier): what ``make book`` does before it renders.
+* ``fill --budget smoke [--jobs N]`` - run the tier of every artefact whose data is missing (no finished run,
+  data-free or trained, in the short or paper tier): what ``make book`` does before it renders.
 """
 
 from __future__ import annotations
@@ -87,9 +87,9 @@ def _fill(args: argparse.Namespace) -> int:
     for name in artefacts():
         rows = board[board.artefact == name]
         full = "all" if (rows.stage == "all").any() else "prune"
-        have = rows[(rows.stage == full) & rows.budget.isin(["short", "paper"])].finished.sum()
+        have = rows[rows.budget.isin(["short", "paper"])].finished.max()
         if have:
-            print(f"{name}: has {have} finished {full} runs in the short/paper tiers; nothing to fill")
+            print(f"{name}: has {have} finished runs in the short/paper tiers; nothing to fill")
             continue
         runs = plan(paths.params / f"{name}.yaml", args.budget, stage=full)
         print(f"{name}: no short/paper data; running its {args.budget} tier ({len(runs)} runs)")
