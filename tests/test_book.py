@@ -77,7 +77,8 @@ def test_no_page_loads_from_the_network(book_html: Path) -> None:
     assert (book_html / "_static" / "mathjax" / "tex-chtml.js").is_file(), "MathJax is not served by the book"
 
 
-@pytest.mark.parametrize("page_name", ["book/index", "book/fig1_main"])
+# the home page, an artefact page, and a page with displayed equations (MathJax)
+@pytest.mark.parametrize("page_name", ["book/index", "book/fig1_main", "book/principle"])
 def test_page_renders_in_chromium(book_html: Path, browser, page_name: str, tmp_path: Path) -> None:
     path = book_html / f"{page_name}.html"
     assert path.is_file(), f"{path} was not built"
