@@ -95,6 +95,9 @@ class TrainConfig(StrictModel):
 
 
 class RunConfig(StrictModel):
+    """One run, complete: seed, data, model, pruning and (optionally) training. Its canonical JSON is hashed
+    into the run id, so two runs with equal configurations are the same run."""
+
     seed: int = Field(ge=0, description="seeds Python, NumPy and torch (and the pruner)")
     deterministic: bool = Field(description="deterministic algorithms (cuDNN deterministic, no benchmark)")
     data: DataConfig

@@ -350,6 +350,7 @@ def _root(data_dir: str | os.PathLike | None) -> Path:
 
 
 def list_datasets() -> list[str]:
+    """The names of every registered data set, sorted (the values ``DataConfig.name`` accepts)."""
     return DATASETS.names()
 
 

@@ -42,6 +42,7 @@ def _load_builtin() -> None:
 
 
 def list_pruners() -> list[str]:
+    """The names of every registered pruner, sorted (the values ``prune(method=...)`` accepts)."""
     _load_builtin()
     return PRUNERS.names()
 
