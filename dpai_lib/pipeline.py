@@ -1,9 +1,9 @@
 """Sweeps over an artefact's runs: plan, execute through papermill, collect, report status.
 
 * The store is content-addressed: a run's record is ``results/runs/<run_id>.json`` (smoke-tier runs:
-  ``runs/smoke/<run_id>.json``, never committed), and the run id is the hash of the run's configuration. Artefacts that contain the same configuration (fig5's DPaI runs are
-  fig1's) share one record; which artefacts a record belongs to is decided by expanding the params files,
-  never by where the record lies.
+  ``runs/smoke/<run_id>.json``, never committed), and the run id is the hash of the run's configuration.
+  Artefacts that contain the same configuration (fig5's DPaI runs are fig1's) share one record; which
+  artefacts a record belongs to is decided by expanding the params files, never by where the record lies.
 * A run is done when its record says so: re-running a sweep skips it, so an interrupted sweep resumes
   where it stopped (an interrupted run resumes from its last epoch checkpoint in ``runs/work/<run_id>/``).
 * A run is claimed with an exclusive lock file (``<run_id>.lock`` in the work folder's ``locks``,
