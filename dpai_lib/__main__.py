@@ -60,7 +60,8 @@ def _run(args: argparse.Namespace) -> int:
         if args.partition:
             slurm["slurm_partition"] = args.partition
     print(f"{len(runs)} runs planned ({args.budget}, stage {args.stage}, shard {args.shard})")
-    counts = run_sweep(runs, paths=Paths.at(), executor=args.executor, jobs=args.jobs, device=args.device, slurm=slurm)
+    counts = run_sweep(runs, paths=Paths.at(), executor=args.executor, jobs=args.jobs, device=args.device,
+                       threads=args.threads, slurm=slurm)
     print(json.dumps(counts))
     return 0 if not counts.get("failed") else 1
 
@@ -137,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--executor", default="local", choices=["local", "slurm", "submitit-local"])
     p.add_argument("--jobs", type=int, default=1, help="local runs at a time (GPUs shared round-robin; on the "
                    "CPU each gets cores/jobs threads)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per local CPU run (default 0: cores/jobs; "
+                   "use 1 when several runners share the machine)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--gpus-per-job", type=int, default=1, help="slurm: GPUs per job")
     p.add_argument("--partition", default=None, help="slurm: partition")

@@ -192,19 +192,25 @@ def execute_run(run: PlannedRun, paths: Paths, device: str = "auto", threads: in
         lock.release()
 
 
-def _local_slots(jobs: int, device: str) -> list[tuple[str, int]]:
+def _local_slots(jobs: int, device: str, threads: int = 0) -> list[tuple[str, int]]:
+    """(device, torch threads) for each local worker: GPUs round-robin, else CPU with ``threads`` each
+    (0: the cores shared out, ``cpu_count // jobs``)."""
     import torch
 
     if device in ("auto", "cuda") and torch.cuda.is_available():
         n = torch.cuda.device_count()
         return [(f"cuda:{k % n}", 0) for k in range(jobs)]
     dev = "cpu" if device == "auto" else device
-    return [(dev, max(1, (os.cpu_count() or 1) // jobs)) for _ in range(jobs)]
+    return [(dev, threads or max(1, (os.cpu_count() or 1) // jobs)) for _ in range(jobs)]
 
 
 def run_sweep(runs: list[PlannedRun], *, paths: Paths | None = None, executor: str = "local", jobs: int = 1,
-              device: str = "auto", slurm: dict[str, Any] | None = None, progress: bool = True) -> dict[str, int]:
-    """Execute ``runs`` (skipping finished ones); returns counts by final status."""
+              device: str = "auto", threads: int = 0, slurm: dict[str, Any] | None = None,
+              progress: bool = True) -> dict[str, int]:
+    """Execute ``runs`` (skipping finished ones); returns counts by final status.
+
+    ``threads`` fixes the torch threads of each local CPU run (0: ``cpu_count // jobs``); set it to 1 when
+    several runners share one machine, so that they do not oversubscribe its cores."""
     from tqdm import tqdm
 
     paths = paths or Paths.at()
@@ -212,10 +218,12 @@ def run_sweep(runs: list[PlannedRun], *, paths: Paths | None = None, executor: s
         raise ValueError(f"unknown executor {executor!r}; allowed: {', '.join(EXECUTORS)}")
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1; got {jobs}")
+    if threads < 0:
+        raise ValueError(f"threads must be >= 0 (0 = cores // jobs); got {threads}")
     todo = [r for r in runs if not is_done(r, paths)]
     counts = {"skipped": len(runs) - len(todo)}
     if executor == "local":
-        slots = _local_slots(jobs, device)
+        slots = _local_slots(jobs, device, threads)
         free = list(range(jobs))
 
         def work(run: PlannedRun) -> str:

@@ -162,3 +162,13 @@ def test_plan_filters_shards_and_prune_stage(tiny):
         parse_only(["arch=resnet20"])
     with pytest.raises(ValueError, match="shard"):
         plan(params_file, "smoke", shard=(3, 3))
+
+
+def test_threads_fixes_the_torch_threads_of_each_cpu_run(tiny):
+    params_file, paths = tiny
+    runs = plan(params_file, "smoke", only=parse_only(["method=random", "seed=0"]))
+    with pytest.raises(ValueError, match="threads must be >= 0"):
+        run_sweep(runs, paths=paths, device="cpu", threads=-1, progress=False)
+    assert run_sweep(runs, paths=paths, device="cpu", threads=1, progress=False) == {"skipped": 0, "done": 1}
+    [rec] = artefact_records("tiny", "smoke", "all", paths=paths)
+    assert rec["provenance"]["torch_threads"] == 1
