@@ -55,6 +55,20 @@ class Paths:
         return cls(root / "results" / "runs", root / "runs" / "smoke", root / "runs" / "work", root / "runs" / "logs",
                    root / "params")
 
+    def template(self, notebook: str | os.PathLike) -> Path:
+        """An experiment template named by a params file: an absolute path as is; a relative one under this
+        root (a user's own templates beside their params) and then under the repository (ours)."""
+        path = Path(notebook)
+        if path.is_absolute():
+            candidates = [path]
+        else:
+            candidates = list(dict.fromkeys([self.params.parent / path, ROOT / path]))
+        for candidate in candidates:
+            if candidate.is_file():
+                return candidate
+        raise FileNotFoundError(f"experiment template {str(notebook)!r} not found; looked in "
+                                f"{', '.join(str(c) for c in candidates)}")
+
     def records_dir(self, budget: str) -> Path:
         """Where records of a budget tier live: smoke runs are kept apart from the committed results."""
         return self.smoke_store if budget == "smoke" else self.store
@@ -168,12 +182,11 @@ def execute_run(run: PlannedRun, paths: Paths, device: str = "auto", threads: in
     try:
         if is_done(run, paths):  # finished by another runner between our check and our claim
             return "skipped"
-        art = load_artefact(paths.params / f"{run.artefact}.yaml")
-        notebook = jupytext.read(ROOT / art.notebook)
         log = paths.logs / run.artefact / f"{rid}.ipynb"
         log.parent.mkdir(parents=True, exist_ok=True)
         labels = {"artefact": run.artefact, "setting": run.setting, "method": run.method, "budget": run.budget}
         try:
+            notebook = jupytext.read(paths.template(load_artefact(paths.params / f"{run.artefact}.yaml").notebook))
             papermill.execute_notebook(
                 notebook, str(log), kernel_name="python3", cwd=str(ROOT), progress_bar=False,
                 parameters={"config_json": json.dumps(run.config.canonical()),

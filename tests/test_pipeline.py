@@ -172,3 +172,25 @@ def test_threads_fixes_the_torch_threads_of_each_cpu_run(tiny):
     assert run_sweep(runs, paths=paths, device="cpu", threads=1, progress=False) == {"skipped": 0, "done": 1}
     [rec] = artefact_records("tiny", "smoke", "all", paths=paths)
     assert rec["provenance"]["torch_threads"] == 1
+
+
+def test_templates_are_found_under_the_root_first_then_in_the_repository(tmp_path):
+    paths = Paths.at(tmp_path)
+    ours = "book/experiments/prune_train.md"
+    assert paths.template(ours) == ROOT / ours
+    mine = tmp_path / ours
+    mine.parent.mkdir(parents=True)
+    mine.write_text("# my template\n")
+    assert paths.template(ours) == mine
+    assert paths.template(mine) == mine
+    with pytest.raises(FileNotFoundError, match="no_such.md.*looked in"):
+        paths.template("book/no_such.md")
+
+
+def test_a_missing_template_fails_each_run_with_the_places_looked(tiny):
+    params_file, paths = tiny
+    params_file.write_text(yaml.safe_dump(dict(TINY, notebook="book/experiments/no_such.md")))
+    runs = plan(params_file, "smoke", only=parse_only(["seed=0"]))
+    assert run_sweep(runs, paths=paths, device="cpu", progress=False) == {"skipped": 0, "failed": 2}
+    errors = {load_record(p)["error"] for p in paths.smoke_store.glob("*.json")}
+    assert len(errors) == 1 and "no_such.md' not found; looked in" in errors.pop()
