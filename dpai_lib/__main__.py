@@ -113,6 +113,18 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stale(args: argparse.Namespace) -> int:
+    from dpai_lib.results import stale_records
+
+    stale = stale_records()
+    for path in stale:
+        print(path)
+        if args.delete:
+            path.unlink()
+    print(f"{len(stale)} stale records" + (" deleted" if args.delete and stale else ""), file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dpai_lib", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -153,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stage", default="all", choices=["all", "prune"])
     p.add_argument("--budget", default=None, choices=["smoke", "short", "paper"])
     p.set_defaults(func=_status)
+    p = sub.add_parser("stale", help="list (or delete) records that no current grid plans: made with an older "
+                       "pruner or model version, or from a grid that changed")
+    p.add_argument("--delete", action="store_true", help="delete them")
+    p.set_defaults(func=_stale)
     p = sub.add_parser("fill", help="run a tier of every artefact that has no short/paper data yet")
     p.add_argument("--budget", default="smoke", choices=["smoke", "short", "paper"], help="budget tier (default smoke)")
     p.add_argument("--jobs", type=int, default=1, help="local runs at a time")

@@ -38,7 +38,7 @@ Three definitions share the name "effective paths / nodes" in the literature (se
     The node and kernel counting conventions are those of the DPaI release, so the numbers are
     comparable with the DPaI paper.
 
-``"dpai"``: the DPaI release (``dpai_paper.md`` §1.2), see :func:`_dpai_stats`.
+``"dpai"``: the DPaI release's count, see :func:`_dpai_stats`.
 
 ``"npb"``: NPB's ``measure_node_path`` (``peers.md`` §2.2), see :func:`_npb_stats`.
 """
@@ -60,21 +60,14 @@ from torch import fx, nn
 from torch.nn.modules.utils import _ntuple
 
 from dpai_lib.masks import Masks, prunable_parameters
+from dpai_lib.paths import ReleasePathCount, pruning_network
 
 VARIANTS = ("exact", "dpai", "npb")
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_IDENTITY_MODULES = (
-    nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.Identity, nn.modules.dropout._DropoutNd,
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softmax, nn.LogSoftmax,
-)
-_IDENTITY_FUNCTIONS = {
-    F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.gelu, F.silu, F.mish,
-    F.hardswish, F.hardsigmoid, F.hardtanh, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.softplus,
-    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.batch_norm, F.layer_norm, F.group_norm,
-    F.softmax, F.log_softmax, torch.clone,
-}
-_IDENTITY_METHODS = {"relu", "relu_", "sigmoid", "tanh", "clone", "contiguous", "float", "double", "to"}
+# Tensor methods that move or convert values without creating edges (identity blocks - norms,
+# activations, dropout - are already gone from the pruning network, see dpai_lib.paths).
+_NOOP_METHODS = {"clone", "contiguous", "float", "double", "to", "detach"}
+_NOOP_FUNCTIONS = {torch.clone, torch.detach}
 _SHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute,
                     torch.transpose, torch.movedim}
 _SHAPE_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "permute", "transpose", "expand",
@@ -178,11 +171,8 @@ class PathCounter:
         GPU, still overflow-free, exact to ~1e-6)."""
         self.input_shape, self.dtype = tuple(input_shape), dtype
         self.names = list(prunable_parameters(model))
-        try:
-            self.graph_module = fx.symbolic_trace(model)
-        except Exception as err:  # noqa: BLE001 - any tracing failure means: not supported
-            raise NotImplementedError(f"exact path counting needs a torch.fx-traceable model: {err}") from err
-        weight_name = {id(p): n for n, p in prunable_parameters(model).items()}
+        self.graph_module = pruning_network(model)
+        weight_name = {id(p): n for n, p in prunable_parameters(self.graph_module).items()}
         modules = dict(self.graph_module.named_modules())
         self._steps: list[tuple[fx.Node, Callable[..., Any]]] = []
         for node in self.graph_module.graph.nodes:
@@ -215,7 +205,7 @@ class PathCounter:
 
     def _path_op(self, op: str, key: Any, raw: Callable, what: str) -> Callable:
         """The handler of a call whose arguments include activations (``_Paths``)."""
-        if key in (_IDENTITY_METHODS if op == "call_method" else _IDENTITY_FUNCTIONS):
+        if key in (_NOOP_METHODS if op == "call_method" else _NOOP_FUNCTIONS):
             return lambda ctx, x, *a, **k: x
         if key in (_SHAPE_METHODS if op == "call_method" else _SHAPE_FUNCTIONS):
             return lambda ctx, x, *a, **k: _Paths(raw(x.v, *a, **k), x.s)
@@ -260,8 +250,6 @@ class PathCounter:
             if isinstance(m, nn.Linear):
                 return lambda ctx, x: self._renorm(ctx, _Paths(F.linear(x.v, ctx["w"][name]), x.s))
             return lambda ctx, x: self._renorm(ctx, _Paths(m._conv_forward(x.v, ctx["w"][name], None), x.s))
-        if isinstance(m, _IDENTITY_MODULES):
-            return lambda ctx, x, *a, **k: x
         if isinstance(m, _WINDOW_POOLS + _ADAPTIVE_POOLS):
             return lambda ctx, x: self._pool(ctx, m, x)
         if isinstance(m, (nn.Flatten, nn.Unflatten, nn.modules.padding._ReflectionPadNd,
@@ -271,7 +259,8 @@ class PathCounter:
             return lambda ctx, x: _Paths(F.pad(x.v, m.padding), x.s)
         raise NotImplementedError(
             f"exact path counting does not support module {type(m).__name__} ('{target}'); supported: conv/linear, "
-            "pooling, normalisation, activations, dropout, flatten, padding (add a rule in dpai_lib/metrics.py)"
+            "pooling, flatten, padding, and the identity blocks of dpai_lib.paths (normalisation, activations, "
+            "dropout); add a rule in dpai_lib/metrics.py or dpai_lib/paths.py"
         )
 
     # -- the operations on path counts ---------------------------------------------------------------
@@ -381,44 +370,23 @@ def _exact_stats(model: nn.Module, masks: Masks, input_shape: tuple[int, ...]) -
 
 
 def _dpai_stats(model: nn.Module, masks: Masks, input_shape: tuple[int, ...]) -> dict:
-    """The DPaI release's numbers (``npb.py``, ``NPB_objective``), on a float64 copy.
+    """The DPaI release's numbers (``npb.py``, ``NPB_objective``): the count DPaI optimises,
+    :class:`~dpai_lib.paths.ReleasePathCount`, in float64 on a CPU copy.
 
-    All-ones input of shape ``(1, *input_shape)``; BatchNorm, LayerNorm, LogSoftmax, ReLU, Dropout, SiLU,
-    Sigmoid (and torchvision's StochasticDepth / SqueezeExcitation) modules are identities, other modules
-    (pooling: max stays max, average stays average; GELU; functional calls) run unchanged. Every conv and
-    linear computes ``layer(x / max(x), weight=mask, bias=None)`` (the max is not detached, as in the
-    release) and ``log_paths = log(sum(output)) + sum(log max(x))`` over every call. This equals the exact
-    log count for chains without pooling only. Effective weight: ``|d log_paths / d mask| * mask > 0``;
-    nodes: output channels / features with an effective weight, every layer; kernels as "exact". Where
-    the release would divide by a zero maximum (NaN), the layer divides by 1; a result of zero paths
-    gives ``-inf`` and no effective weight. Non-module prunable weights (attention ``in_proj_weight``)
-    are never effective here, as in the release.
+    All-ones input of shape ``(1, *input_shape)`` through the pruning network of :mod:`dpai_lib.paths`
+    (norms, activations - modules and functions alike -, dropout and SE blocks removed; pooling: max stays
+    max, average stays average). Every conv and linear computes ``layer(x / max(x), weight=mask,
+    bias=None)`` (the max is not detached, as in the release) and ``log_paths = log(sum(output)) + sum(log
+    max(x))`` over every call. This equals the exact log count for chains without pooling only.
+    Effective weight: ``|d log_paths / d mask| * mask > 0``; nodes: output channels / features with an
+    effective weight, every layer; kernels as "exact". Where the release would divide by a zero maximum
+    (NaN), the layer divides by 1; a result of zero paths gives ``-inf`` and no effective weight.
+    Attention projections are masked and their inputs max-normalised as in our DPaI (the release's
+    attention ran on its real weights, so its ``in_proj_weight`` was never effective).
     """
-    net = copy.deepcopy(model).double().cpu().eval()
-    name_of = {id(p): n for n, p in prunable_parameters(net).items()}
-    from dpai_lib.pruners.dpai import release_identity_types
-
-    identities = release_identity_types()
-    maxima: list[torch.Tensor] = []
-    mask_w: dict[str, torch.Tensor] = {}
-
-    def patched(m: nn.Module, w: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        def forward(x: torch.Tensor) -> torch.Tensor:
-            c = x.max()
-            c = torch.where(c > 0, c, torch.ones_like(c))
-            maxima.append(c)
-            return F.linear(x / c, w) if isinstance(m, nn.Linear) else m._conv_forward(x / c, w, None)
-        return forward
-
-    for m in net.modules():
-        if isinstance(m, _CONVS + (nn.Linear,)):
-            name = name_of[id(m.weight)]
-            mask_w[name] = w = masks[name].double().requires_grad_()
-            m.forward = patched(m, w)
-        elif isinstance(m, identities):
-            m.forward = lambda x, *a, **k: x
-    out = net(torch.ones((1, *input_shape), dtype=torch.float64))
-    log_paths = out.sum().log() + sum(torch.log(c) for c in maxima)
+    counter = ReleasePathCount(copy.deepcopy(model).cpu(), input_shape, dtype=torch.float64)
+    mask_w = {n: m.double().requires_grad_() for n, m in masks.items()}
+    log_paths = counter(mask_w)
     if not bool(torch.isfinite(log_paths)):
         return _summary("dpai", -math.inf, {n: torch.zeros_like(m) for n, m in masks.items()}, masks)
     grads = dict(zip(mask_w, torch.autograd.grad(log_paths, list(mask_w.values()), allow_unused=True)))

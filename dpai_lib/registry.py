@@ -24,14 +24,22 @@ class Registry(Generic[T]):
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._entries: dict[str, T] = {}
+        self._versions: dict[str, int] = {}
 
-    def register(self, name: str) -> Callable[[T], T]:
-        """Decorator registering ``obj`` under ``name``; registering a name twice is an error."""
+    def register(self, name: str, *, version: int = 1) -> Callable[[T], T]:
+        """Decorator registering ``obj`` under ``name``; registering a name twice is an error.
+
+        ``version``: raised whenever a change alters what the entry produces for the same arguments (a
+        pruner's masks, a model's initial weights), so that run ids - which hash it - change too and
+        records made with the old code are no longer taken for current ones."""
+        if not isinstance(version, int) or version < 1:
+            raise ValueError(f"version of {self.kind} {name!r} must be an integer >= 1; got {version!r}")
 
         def decorator(obj: T) -> T:
             if name in self._entries:
                 raise ValueError(f"{self.kind} {name!r} is already registered")
             self._entries[name] = obj
+            self._versions[name] = version
             return obj
 
         return decorator
@@ -42,6 +50,11 @@ class Registry(Generic[T]):
         except KeyError:
             known = ", ".join(sorted(self._entries))
             raise UnknownNameError(f"unknown {self.kind} {name!r}; known {self.kind}s: {known}") from None
+
+    def version(self, name: str) -> int:
+        """The code version of a registered entry (see :meth:`register`)."""
+        self.get(name)
+        return self._versions[name]
 
     def names(self) -> list[str]:
         return sorted(self._entries)

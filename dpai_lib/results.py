@@ -185,6 +185,16 @@ def status(stage: str = "all", *, paths: Paths | None = None) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def stale_records(*, paths: Paths | None = None) -> list[Path]:
+    """Record files of the short/paper store that no current grid plans: made with an older version of
+    their pruner or model (a run id hashes both, see :func:`dpai_lib.runs.run_id`) or from a grid that
+    changed since. They are never read by ``collect``; ``python -m dpai_lib stale --delete`` removes them."""
+    paths = _paths(paths)
+    current = {run_id(r.config) for name in artefacts(paths) for r in artefact_runs(name, paths=paths)
+               if r.budget != "smoke"}
+    return sorted(p for p in paths.store.glob("*.json") if p.stem not in current)
+
+
 def scoreboard(*, paths: Paths | None = None) -> pd.DataFrame:
     """Per artefact, budget tier and stage (``prune``: the data-free masks; ``all``: pruned and trained,
     only for artefacts that train): expected and finished runs and a state, ``complete`` / ``partial`` /

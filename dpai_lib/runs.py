@@ -27,9 +27,19 @@ from dpai_lib.config import RunConfig
 SCHEMA = "dpai_lib.run/1"
 
 
+def code_versions(config: RunConfig) -> dict[str, int]:
+    """The code versions a run depends on: its model's and its pruner's (see ``Registry.register``)."""
+    from dpai_lib.models import model_version
+    from dpai_lib.pruners import pruner_version
+
+    return {"model": model_version(config.model.name), "pruner": pruner_version(config.prune.method)}
+
+
 def run_id(config: RunConfig) -> str:
-    """First 16 hex digits of the SHA-256 of the canonical configuration JSON."""
-    blob = json.dumps(config.canonical(), sort_keys=True, separators=(",", ":"))
+    """First 16 hex digits of the SHA-256 of the canonical configuration JSON plus the code versions of
+    its model and pruner (those above 1: so ids made before versions existed stay valid until a bump)."""
+    versions = {f"{k}_version": v for k, v in code_versions(config).items() if v != 1}
+    blob = json.dumps({**config.canonical(), **versions}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -129,7 +139,8 @@ def execute(
     dev = resolve_device(device)
     record: dict[str, Any] = {"schema": SCHEMA, "run_id": rid, "labels": dict(labels or {}),
                               "status": "running", "error": None,
-                              "config": config.canonical(), "seed": config.seed, "results": {}, "curves": [],
+                              "config": config.canonical(), "code_versions": code_versions(config),
+                              "seed": config.seed, "results": {}, "curves": [],
                               "timings": {"started": _now()}, "provenance": provenance(dev)}
     t_start = time.perf_counter()
     try:

@@ -35,6 +35,15 @@ def list_models(include_torchvision: bool = False) -> list[str]:
     return names
 
 
+def model_version(name: str) -> int:
+    """The code version of a model (raised by every change to its architecture or initialisation);
+    torchvision models (``tv:``) are version 1."""
+    if name.startswith(TORCHVISION_PREFIX):
+        return 1
+    _load_builtin()
+    return MODELS.version(name)
+
+
 def build_model(name: str, num_classes: int, **kwargs) -> nn.Module:
     """Build a freshly initialised network. ``kwargs`` go to the builder (e.g. ``image_size``)."""
     if not isinstance(num_classes, int) or num_classes < 1:

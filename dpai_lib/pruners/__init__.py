@@ -23,10 +23,12 @@ PRUNERS: Registry[Callable[..., Masks]] = Registry("pruner")
 _COMMON = ("input_shape", "data", "seed")
 
 
-def register_pruner(name: str, *, needs_data: bool) -> Callable[[Callable[..., Masks]], Callable[..., Masks]]:
+def register_pruner(name: str, *, needs_data: bool, version: int = 1) -> Callable[[Callable[..., Masks]], Callable[..., Masks]]:
+    """Register a pruner; raise ``version`` whenever a change alters its masks (it is part of run ids)."""
+
     def decorator(fn: Callable[..., Masks]) -> Callable[..., Masks]:
         fn.needs_data = needs_data  # type: ignore[attr-defined]
-        return PRUNERS.register(name)(fn)
+        return PRUNERS.register(name, version=version)(fn)
 
     return decorator
 
@@ -45,6 +47,12 @@ def list_pruners() -> list[str]:
     """The names of every registered pruner, sorted (the values ``prune(method=...)`` accepts)."""
     _load_builtin()
     return PRUNERS.names()
+
+
+def pruner_version(method: str) -> int:
+    """The code version of ``method`` (raised by every change that alters its masks)."""
+    _load_builtin()
+    return PRUNERS.version(method)
 
 
 def needs_data(method: str) -> bool:

@@ -30,80 +30,22 @@ beta 0.5, lr 0.005, 3000 steps), its example for ResNet-20 / CIFAR-10.
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Mapping
 
 import torch
 from torch import nn
-from torch.func import functional_call
 from tqdm import tqdm
 
 from dpai_lib.masks import Masks, prunable_parameters
+from dpai_lib.metrics import PathCounter
+from dpai_lib.paths import ReleasePathCount
 from dpai_lib.pruners import register_pruner
 from dpai_lib.pruners._select import check_choice, topk_mask
 from dpai_lib.sparsity import layer_kept_counts
 
-# Modules that are identities in the release's pruning forward (GELU, ReLU6, ... are kept, as there).
-IDENTITY_TYPES: tuple[type[nn.Module], ...] = (
-    nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.ReLU, nn.SiLU, nn.Sigmoid, nn.LogSoftmax, nn.Dropout,
-)
 PATH_COUNTS = ("release", "exact")
-
-
-def release_identity_types() -> tuple[type[nn.Module], ...]:
-    """The module types the release turns into identities, torchvision's SE and stochastic depth included."""
-    from torchvision.ops import SqueezeExcitation, StochasticDepth
-
-    return IDENTITY_TYPES + (StochasticDepth, SqueezeExcitation)
-
-
-def pruning_copy(model: nn.Module) -> nn.Module:
-    """A deep copy in eval mode whose norms, activations, dropout and SE blocks are identities and
-    whose ``pos_embedding`` tensors are zero (the release's pruning network)."""
-    net = copy.deepcopy(model).eval()
-    kinds = release_identity_types()
-    for parent in list(net.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, kinds):
-                setattr(parent, name, nn.Identity())
-    with torch.no_grad():
-        for module in net.modules():
-            if isinstance(getattr(module, "pos_embedding", None), torch.Tensor):
-                module.pos_embedding.zero_()
-    return net
-
-
-class ReleasePathCount:
-    """``log R_P`` as the release computes it: each conv/linear divides its input by the input's
-    maximum; ``log R_P = log(sum(output)) + sum(log maxima)``."""
-
-    def __init__(self, model: nn.Module, input_shape: tuple[int, ...]) -> None:
-        self.net = pruning_copy(model)
-        self.names = list(prunable_parameters(self.net))
-        self.present = set(dict(self.net.named_parameters()))  # without the convs of blocks made identities (SE)
-        self.logs: list[torch.Tensor] = []
-        device = next(self.net.parameters()).device
-        self.x = torch.ones(1, *input_shape, device=device)
-        self.zero_biases = {n: torch.zeros_like(p) for n, p in self.net.named_parameters() if n.endswith("bias")}
-        for module in self.net.modules():
-            if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear, nn.MultiheadAttention)):
-                module.register_forward_pre_hook(self._normalise)
-
-    def _normalise(self, module: nn.Module, args: tuple) -> tuple:
-        # Attention (ours, not the release's): query, key and value are divided by the query's maximum,
-        # so the value paths are counted like a linear layer's and deep ViTs do not overflow.
-        n = 3 if isinstance(module, nn.MultiheadAttention) else 1
-        c = args[0].max()
-        self.logs.append(torch.log(c))
-        return (*(a / c for a in args[:n]), *args[n:])
-
-    def __call__(self, weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        self.logs = []
-        weights = {n: w for n, w in weights.items() if n in self.present}
-        out = functional_call(self.net, {**self.zero_biases, **weights}, (self.x,))
-        return torch.log(out.sum()) + torch.stack(self.logs).sum()
 
 
 class _TrackedTopK:
@@ -161,7 +103,7 @@ def _indicators(g_mask: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor,
     return eff.any(1).view(-1, 1), eff
 
 
-@register_pruner("dpai", needs_data=False)
+@register_pruner("dpai", needs_data=False, version=2)
 def dpai_prune(
     model: nn.Module,
     sparsity: float,
@@ -199,12 +141,7 @@ def dpai_prune(
         else:
             s = torch.randn(p.shape, generator=gen).to(device)
         scores[name] = s.requires_grad_(True)
-    if path_count == "exact":
-        from dpai_lib.metrics import PathCounter
-
-        counter = PathCounter(model, input_shape)
-    else:
-        counter = ReleasePathCount(model, input_shape)
+    counter = (PathCounter if path_count == "exact" else ReleasePathCount)(model, input_shape)
     optimizer = torch.optim.Adam(list(scores.values()), lr=lr, fused=True)
     selectors = {n: _TrackedTopK(counts[n]) for n in scores}
     rows: list[dict[str, float]] = []

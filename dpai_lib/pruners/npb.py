@@ -10,8 +10,8 @@ Algorithm (re-implemented from the descriptions in ``shared/reference``; no code
 1. **Budgets.** Every prunable layer ``l`` keeps exactly ``n_l`` weights:
    :func:`dpai_lib.sparsity.layer_kept_counts` with ``budget`` (``"erk"``, NPB's default, or
    ``"uniform"``), i.e. :func:`~dpai_lib.sparsity.kept_count` of the layer density.
-2. **Path-counting network.** A float64 CPU copy of the model in which BatchNorm / GroupNorm /
-   LayerNorm / InstanceNorm, the usual activation modules and dropout are ``nn.Identity``, every
+2. **Path-counting network.** A float64 CPU copy of the model's pruning network
+   (:func:`dpai_lib.paths.pruning_network`: norms, activations and dropout removed), every
    conv/linear bias is **0** and every prunable weight is **1** (a layer not yet decided is all-ones);
    the input is ``ones(1, *input_shape)``. Pooling modules are left as they are (average pooling is a
    constant factor for the path term; max pooling stays a max, as in NPB).
@@ -95,12 +95,10 @@ Differences from NPB's release (pvh1602/NPB), on purpose
 Supported layers: ``nn.Conv1d/2d/3d`` with ``groups=1`` and ``nn.Linear``, each called once per forward.
 Anything else among :func:`~dpai_lib.masks.prunable_parameters` (grouped/depthwise or transposed
 convolutions, attention projections) is rejected with a ``ValueError``; so is a shared layer.
-Functional non-linearities other than ReLU (e.g. ``F.gelu``) cannot be replaced and distort P_in.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import numbers
@@ -117,6 +115,7 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 from torch import nn
 
 from dpai_lib.masks import Masks, prunable_parameters
+from dpai_lib.paths import pruning_network
 from dpai_lib.pruners import register_pruner
 from dpai_lib.pruners._select import check_choice
 from dpai_lib.sparsity import LAYERWISE_BUDGETS, layer_kept_counts
@@ -130,13 +129,6 @@ class NPBTimeLimitWarning(RuntimeWarning):
     """A layer MILP stopped at ``time_limit_s`` (or found no solution and used the greedy fallback)."""
 
 
-# Modules that become identity in the path-counting copy.
-_IDENTITY_TYPES: tuple[type[nn.Module], ...] = (
-    nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm,
-    nn.LocalResponseNorm, nn.modules.dropout._DropoutNd,
-    nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish,
-    nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softmax, nn.LogSoftmax,
-)
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -340,13 +332,9 @@ def _forward_with_pre_hook(net: nn.Module, modules, hook, x: torch.Tensor) -> No
 
 
 def _path_counting_copy(model: nn.Module) -> nn.Module:
-    """float64 CPU copy: norms, activations and dropout -> identity, biases 0, prunable weights 1."""
-    net = copy.deepcopy(model).to(device="cpu", dtype=torch.float64)
-    net.eval()
-    for module in list(net.modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, _IDENTITY_TYPES):
-                setattr(module, child_name, nn.Identity())
+    """float64 CPU :func:`~dpai_lib.paths.pruning_network` (norms, activations - modules and functions -
+    and dropout removed), biases 0, prunable weights 1."""
+    net = pruning_network(model).to(device="cpu", dtype=torch.float64)
     with torch.no_grad():
         for module in net.modules():
             if isinstance(module, (*_CONV_TYPES, nn.Linear)):
@@ -577,7 +565,7 @@ def npb_masks_and_report(
     return masks, report
 
 
-@register_pruner("npb", needs_data=False)
+@register_pruner("npb", needs_data=False, version=2)
 def npb_prune(
     model: nn.Module, sparsity: float, *, input_shape: tuple[int, ...], data=None, seed: int = 0,
     alpha: float = 0.01, beta: float = 1.0, max_p: int | None = 9, min_n: int = 1, budget: str = "erk",

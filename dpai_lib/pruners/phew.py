@@ -29,7 +29,8 @@ The variant implemented here
   budget (the last weights to find have tiny magnitudes, e.g. at sparsities near 0), a ``RuntimeError``
   says so.
 * **Layer graph.** Derived by tracing the model with ``torch.fx`` and propagating one input of
-  ``input_shape``. Units flow through normalisation, activation, pooling and dropout layers unchanged,
+  ``input_shape`` (the pruning network of :mod:`dpai_lib.paths`: normalisation, activations and dropout
+  removed, whether modules or functions). Units flow through pooling layers unchanged,
   through flatten/reshape as above, and a sum of tensors (residual ``+``) is a merge. At a tensor that
   feeds several branches (a residual block's input), a forward walk chooses a branch; at a merge a
   backward walk chooses one of the summands:
@@ -92,24 +93,21 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from dpai_lib.masks import Masks, prunable_parameters
+from dpai_lib.paths import pruning_network
 from dpai_lib.pruners import register_pruner
 from dpai_lib.sparsity import kept_count
 
+# Pooling passes units through unchanged (norms, activations and dropout are already gone from the
+# pruning network, see dpai_lib.paths).
 _PASS_MODULES: tuple[type, ...] = (
-    nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm,
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Softmax, nn.LogSoftmax,
     nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd,
-    nn.modules.pooling._AdaptiveMaxPoolNd, nn.modules.dropout._DropoutNd, nn.Identity,
+    nn.modules.pooling._AdaptiveMaxPoolNd, nn.Identity,
 )
 _RESHAPE_MODULES: tuple[type, ...] = (nn.Flatten, nn.Unflatten)
 _PASS_FUNCTIONS = frozenset({
-    "relu", "relu_", "relu6", "leaky_relu", "leaky_relu_", "elu", "selu", "celu", "gelu", "silu", "mish",
-    "sigmoid", "tanh", "hardtanh", "hardswish", "hardsigmoid", "softplus", "softmax", "log_softmax",
     "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
     "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d",
-    "adaptive_max_pool2d", "adaptive_max_pool3d", "dropout", "dropout1d", "dropout2d", "dropout3d",
-    "batch_norm", "contiguous", "clone", "detach",
+    "adaptive_max_pool2d", "adaptive_max_pool3d", "contiguous", "clone", "detach",
 })
 _RESHAPE_FUNCTIONS = frozenset({"flatten", "view", "reshape"})
 _ADD_FUNCTIONS = frozenset({"add", "add_", "iadd"})
@@ -169,20 +167,10 @@ class _Graph:
             total += p.numel()
         self.total = total
         self.shapes = {n: tuple(p.shape) for n, p in params.items()}
-        by_id = {id(p): n for n, p in params.items()}
-
-        try:
-            gm = torch.fx.symbolic_trace(model)
-        except Exception as err:  # noqa: BLE001 - any tracing failure means: unsupported model
-            raise NotImplementedError(f"phew: torch.fx cannot trace {type(model).__name__}: {err}") from err
-        modes = {m: m.training for m in gm.modules()}
-        gm.eval()
-        try:
-            with torch.no_grad():
-                ShapeProp(gm).propagate(torch.zeros((1, *input_shape)))
-        finally:
-            for m, mode in modes.items():
-                m.training = mode
+        gm = pruning_network(model)  # a copy: the same weights under the same names
+        by_id = {id(p): n for n, p in prunable_parameters(gm).items()}
+        with torch.no_grad():
+            ShapeProp(gm).propagate(torch.zeros((1, *input_shape), device=next(iter(params.values())).device))
 
         def is_tensor(n: torch.fx.Node) -> bool:
             return isinstance(n.meta.get("tensor_meta"), TensorMetadata)
@@ -348,8 +336,8 @@ class _Graph:
     def _weighted_backward(self, i: int) -> bool:
         while True:
             node = self.nodes[i]
-            if node.kind == "layer":
-                return True
+            if node.kind == "layer":  # a layer that feeds other branches too is where the branches split
+                return len(node.users) == 1
             if node.kind in ("pass", "flatten") and len(node.users) == 1:
                 i = node.inputs[0]
                 continue
