@@ -28,7 +28,7 @@ SETTING_NAMES = {"resnet20_cifar10": "ResNet-20 / CIFAR-10", "vgg19_cifar100": "
                  "efficientnet_b0_imagenet": "EfficientNet-B0 / ImageNet-1K",
                  "vit_b16_tinyimagenet": "ViT-B/16 / Tiny-ImageNet"}
 METHOD_NAMES = {"random": "Random", "snip": "SNIP", "iter_snip": "Iter-SNIP", "synflow": "SynFlow",
-                "phew": "PHEW", "npb": "NPB", "dpai": "DPaI"}
+                "phew": "PHEW", "npb": "NPB", "dpai": "DPaI", "dpai_exact": "DPaI (exact count)"}
 METHOD_ORDER = list(METHOD_NAMES)
 TEXT_COLUMNS = {"artefact", "setting", "method", "pruner", "budget", "stage", "dataset", "model", "run_id",
                 "status", "error", "device_name", "git_commit"}

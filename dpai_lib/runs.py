@@ -163,6 +163,8 @@ def execute(
         record["results"]["node_path"] = _node_path(model, masks, (info.channels, info.image_size, info.image_size))
         if "trace" in masks.meta:
             record["curves_prune"] = masks.meta["trace"]
+        if "report" in masks.meta:  # a pruner's JSON-ready summary of how it went (e.g. NPB's solver statuses)
+            record["results"]["pruner_report"] = masks.meta["report"]
         if config.train is None:
             record["status"] = "done"
             record["timings"].update(finished=_now(), total_s=time.perf_counter() - t_start)
