@@ -296,6 +296,79 @@ def bench_prune(args: argparse.Namespace) -> int:
     return 1 if (args.check and failed) else 0
 
 
+def synaptic_flow_loop(model: nn.Module, sparsity: float, input_shape: tuple[int, ...], iterations: int) -> Masks:
+    """SynFlow as Synaptic-Flow's ``prune_loop`` runs it (written from its description, not its code), in
+    float64 for equal work with ours: every conv/linear multiplies its weight by a float mask buffer in its
+    forward; ``abs`` of every parameter and buffer; per round an all-ones input, ``R = sum(f(1))``,
+    backward, score ``|dR/dw * w|``; global threshold = the k-th smallest score (``torch.kthvalue``), keep
+    ``score > threshold`` at the kept fraction ``d ** ((e + 1) / E)``."""
+    from dpai_lib.pruners._gradients import iteration_sparsities
+
+    net = copy.deepcopy(model).double().eval()
+    params = prunable_parameters(net)
+    masks = {n: torch.ones_like(p) for n, p in params.items()}
+    owner = {id(m.weight): m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    for n, p in params.items():
+        module, mask = owner[id(p)], masks[n]
+        if isinstance(module, nn.Linear):
+            module.forward = lambda x, m=module, k=mask: F.linear(x, m.weight * k, m.bias)
+        else:
+            module.forward = lambda x, m=module, k=mask: m._conv_forward(x, m.weight * k, m.bias)
+    with torch.no_grad():
+        for t in net.state_dict().values():
+            if t.is_floating_point():
+                t.abs_()
+    x = torch.ones((1, *input_shape), dtype=torch.float64)
+    for target in iteration_sparsities(sparsity, iterations, "exponential"):
+        net.zero_grad()
+        net(x).sum().backward()
+        scores = torch.cat([(p.grad * p).detach().abs().flatten() for p in params.values()])
+        n_prune = int(target * scores.numel())
+        if n_prune < 1:
+            continue
+        threshold = scores.kthvalue(n_prune).values
+        start = 0
+        with torch.no_grad():
+            for n, p in params.items():
+                masks[n].copy_((scores[start:start + p.numel()] > threshold).view(p.shape))
+                start += p.numel()
+    return Masks({n: m.bool() for n, m in masks.items()})
+
+
+def bench_synflow(args: argparse.Namespace) -> int:
+    """Our SynFlow (float64, ties like Synaptic-Flow) against :func:`synaptic_flow_loop` on equal work."""
+    import pandas as pd
+
+    torch.set_num_threads(args.threads)
+    rows = []
+    for name in args.models:
+        classes, size = PRUNE_MODELS[name]
+        torch.manual_seed(args.seed)
+        model = build_model(name, classes)
+        times: dict[str, list[float]] = {"ours": [], "loop": []}
+        results = {}
+        for _ in range(args.repeats):
+            for side in ("ours", "loop"):
+                t0 = time.perf_counter()
+                if side == "ours":
+                    results[side] = prune(model, "synflow", args.sparsity, input_shape=(3, size, size),
+                                          iterations=args.iterations, ties="prune_all")
+                else:
+                    results[side] = synaptic_flow_loop(model, args.sparsity, (3, size, size), args.iterations)
+                times[side].append(time.perf_counter() - t0)
+        equal = all(torch.equal(results["ours"][n], results["loop"][n]) for n in results["loop"])
+        ours, loop = min(times["ours"]), min(times["loop"])
+        rows.append({"model": name, "iterations": args.iterations, "threads": torch.get_num_threads(),
+                     "ours_s": round(ours, 2), "loop_s": round(loop, 2), "ratio": round(ours / loop, 3),
+                     "equal_masks": equal, "target": "<= 1.0x",
+                     "verdict": "PASS" if ours / loop <= 1.0 and equal else "FAIL"})
+        print(f"{name:9s} ours {ours:.2f}s loop {loop:.2f}s equal={equal}", file=sys.stderr, flush=True)
+    print(pd.DataFrame(rows).to_string(index=False))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 1 if (args.check and any(r["verdict"] == "FAIL" for r in rows)) else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dpai_lib.bench", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -331,6 +404,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON to PATH")
     p.add_argument("--check", action="store_true", help="exit non-zero if DPaI misses its target")
     p.set_defaults(func=bench_prune)
+    p = sub.add_parser("synflow", help="our SynFlow vs a Synaptic-Flow-style loop (float64, equal masks)")
+    p.add_argument("--models", nargs="+", default=list(PRUNE_MODELS), choices=list(PRUNE_MODELS))
+    p.add_argument("--sparsity", type=float, default=0.99, help="fraction of weights removed (default: 0.99)")
+    p.add_argument("--iterations", type=int, default=100, help="SynFlow rounds (default: 100, the paper's)")
+    p.add_argument("--repeats", type=int, default=1, help="timed runs per side, alternating; the best is kept")
+    p.add_argument("--seed", type=int, default=0, help="seed of the model's initial weights (default: 0)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON to PATH")
+    p.add_argument("--check", action="store_true", help="exit non-zero on a FAIL (slower, or masks differ)")
+    p.set_defaults(func=bench_synflow)
     args = parser.parse_args(argv)
     if getattr(args, "images", None) is not None and args.images < 1:
         parser.error("--images must be positive")

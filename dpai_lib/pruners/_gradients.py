@@ -210,10 +210,9 @@ def select(
 ) -> Masks:
     """Masks keeping the highest ``scores`` via :func:`masks_from_scores`.
 
-    Non-finite scores are an error (e.g. SynFlow overflow in float32). Scores in a dtype other than
-    float32 are divided by their largest magnitude before ``masks_from_scores`` casts them to float32
-    (a positive rescaling: the ranking is unchanged up to float32 rounding; without it float64 scores
-    beyond 3.4e38 would become inf). With ``current`` masks and ``ties="exact"`` the currently pruned
+    Non-finite scores are an error (e.g. SynFlow overflow in float32). Scores are ranked in their own
+    dtype (float64 SynFlow scores in float64, as Synaptic-Flow's loop would in double precision). With
+    ``current`` masks and ``ties="exact"`` the currently pruned
     weights are ranked below every kept one (score ``-inf``), so they stay pruned even where kept weights
     score exactly 0; with ``ties="prune_all"`` scores are passed unchanged, as in Synaptic-Flow.
     """
@@ -225,10 +224,5 @@ def select(
                 f"non-finite pruning scores in {n!r} (overflow or NaN); for SynFlow use double=True"
             )
         out[n] = s
-    if any(s.dtype != torch.float32 for s in out.values()):
-        scale = max((float(s.abs().max()) for s in out.values() if s.numel()), default=0.0)
-        scale = scale if scale > 0 else 1.0
-        out = {n: (s.double() / scale).float() for n, s in out.items()}
-    if current is not None and ties == "exact":
-        out = {n: s.masked_fill(~current[n].to(s.device), float("-inf")) for n, s in out.items()}
-    return masks_from_scores(out, sparsity, scope=scope, budget=budget, ties=ties)
+    candidates = None if current is None else {n: current[n].to(out[n].device) for n in out}
+    return masks_from_scores(out, sparsity, scope=scope, budget=budget, ties=ties, candidates=candidates)

@@ -28,9 +28,12 @@ briefly used double precision, commit 7de8b51, then reverted to float32; ``doubl
 float32 and raises ``FloatingPointError`` on non-finite scores instead of silently over-pruning);
 ``train_mode=False``; ``scope="global"`` (paper), ``budget="erk"`` (only with ``scope="layer"``),
 ``ties="exact"`` (``"prune_all"`` = Synaptic-Flow thresholding). Scores are not normalised (as
-Synaptic-Flow); float64 scores are rescaled by their maximum before the float32 ranking of
-:func:`~dpai_lib.pruners._select.masks_from_scores` (order-preserving). ``seed`` is unused:
-SynFlow is deterministic.
+Synaptic-Flow); float64 scores are ranked in float64, and each round ranks only the weights the previous
+round kept (pruned weights score 0, so the result is that of ranking all of them). With
+``ties="prune_all"`` the masks equal those of a Synaptic-Flow-style loop in float64
+(``python -m dpai_lib.bench synflow`` checks it and times both). ``seed`` is unused: SynFlow is
+deterministic. Version 2: version 1 ranked float64 scores in float32 after rescaling by their maximum,
+which could order near-equal scores differently.
 """
 
 from __future__ import annotations
@@ -78,10 +81,10 @@ def synflow_scores(
     eff = {n: (p.detach() * masks[n]).requires_grad_(True) for n, p in params.items()}
     r = masked_call(model, eff, x).sum()
     grads = torch.autograd.grad(r, list(eff.values()), allow_unused=True)
-    return {
-        n: torch.zeros_like(p) if g is None else (g * masks[n] * p.detach()).abs()
-        for (n, p), g in zip(params.items(), grads)
-    }
+    # |g * m * theta| = |g * eff| exactly (m is 0/1): one product, one in-place abs
+    with torch.no_grad():
+        return {n: torch.zeros_like(params[n]) if g is None else g.mul_(e).abs_()
+                for (n, e), g in zip(eff.items(), grads)}
 
 
 def synflow_masks(
@@ -113,7 +116,7 @@ def synflow_masks(
         yield current
 
 
-@register_pruner("synflow", needs_data=False)
+@register_pruner("synflow", needs_data=False, version=2)
 def synflow_prune(
     model: nn.Module,
     sparsity: float,
