@@ -1,7 +1,8 @@
 """Node and path metrics of a sparse network: exact path counts in log space, and the DPaI / NPB numbers.
 
-Three definitions share the name "effective paths / nodes" in the literature (see
-``peers.md`` §2.5); :func:`node_path_stats` computes each of them under its own ``variant``:
+Three definitions share the name "effective paths / nodes" in the literature (this library's exact count,
+the DPaI release's ``npb.py`` and NPB's ``Utils/metrics.py``; the sources are listed in ``book/sources.md``);
+:func:`node_path_stats` computes each of them under its own ``variant``:
 
 ``"exact"`` (this library's definition).
     The network is a DAG whose **units** are its scalar activations (every channel x spatial position of
@@ -40,7 +41,7 @@ Three definitions share the name "effective paths / nodes" in the literature (se
 
 ``"dpai"``: the DPaI release's count, see :func:`_dpai_stats`.
 
-``"npb"``: NPB's ``measure_node_path`` (``peers.md`` §2.2), see :func:`_npb_stats`.
+``"npb"``: NPB's ``measure_node_path`` (``Utils/metrics.py`` of ``pvh1602/NPB``), see :func:`_npb_stats`.
 """
 
 from __future__ import annotations
@@ -455,7 +456,7 @@ def node_path_stats(model: nn.Module, masks: Mapping[str, Any], input_shape: tup
     model's prunable parameters (:class:`~dpai_lib.masks.MaskError` otherwise). ``model`` is never modified
     (the variants work on a float64 CPU deep copy).
 
-    The variants differ in what they count (``peers.md`` §2.5): "exact" counts every input->output path
+    The variants differ in what they count (module docstring): "exact" counts every input->output path
     of the unit DAG (pooling windows summed, residual branches aligned) and decides effectiveness by exact
     reachability; "dpai" keeps max/avg pooling and the release's per-layer max normalisation (exact for
     pooling-free chains only) and calls a weight effective if ``|d log_paths / d mask| > 0``; "npb" sets

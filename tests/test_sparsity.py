@@ -1,4 +1,5 @@
-"""Compression/sparsity arithmetic and ERK budgets against the reference tables (dpai_paper.md §3.5)."""
+"""Compression/sparsity arithmetic, and ERK budgets against tables computed independently from the DPaI
+release's ERK rule (``ERK_sparsify`` in its ``npb.py``) for the release's architectures; see book/sources.md."""
 
 import math
 

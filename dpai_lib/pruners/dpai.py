@@ -1,7 +1,7 @@
 """DPaI: differentiable pruning at initialisation with the node-path balance principle.
 
 Xiang, Nguyen-Tri, Nguyen, Pham, Than, Tran-Thanh, Wen, ICLR 2025. Implemented as the official release
-does it (``npb.py`` of ``QuanNguyen-Tri/DPaI``; see ``shared/reference/dpai_paper.md`` §1.2-1.3):
+does it (``npb.py`` and ``main.py`` of ``QuanNguyen-Tri/DPaI``, commit 137c555; see ``book/sources.md``):
 
 * one score per prunable weight, ``s ~ N(0, 1)`` (or ``init_scores``); the mask of layer ``l`` keeps
   the ``k_l`` largest ``|s|``, ``k_l`` from the ERK (or uniform) budget, recomputed at every step;
@@ -19,8 +19,9 @@ does it (``npb.py`` of ``QuanNguyen-Tri/DPaI``; see ``shared/reference/dpai_pape
 Transformers: every linear weight, attention input and output projections included, is scored and is
 really used in the pruning forward (the masks replace ``in_proj_weight`` and ``out_proj.weight`` inside
 ``nn.MultiheadAttention``, whose inputs are max-normalised like a linear layer's); the release left the
-attention with its real weights and its ``out_proj`` mask random. LayerNorm is an identity, GELU is kept
-and ``pos_embedding`` is zero, as in the release.
+attention with its real weights and its ``out_proj`` mask random. LayerNorm is an identity and
+``pos_embedding`` is zero, as in the release; GELU is an identity too (the release kept GELU in its ViT
+count; the pruning network of :mod:`dpai_lib.paths` removes every activation).
 
 Beyond the release: ``init_scores``, ``path_count="exact"``, and exact-k selection that is identical to
 a full sort of ``|s|`` whenever no two scores tie (it uses ``kthvalue``, O(n), instead of sorting every

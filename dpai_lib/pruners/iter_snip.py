@@ -13,7 +13,8 @@ Variant implemented, for ``K = iterations`` rounds ``k = 0 .. K-1``:
    and Synaptic-Flow) or ``1 - (1 - d)(k+1)/K`` (``"linear"``), ``d = 1 - sparsity``; the last round
    keeps exactly the requested count.
 
-Two meanings of "iterative SNIP" exist (peers.md 2.5); ``revival`` picks one:
+Two meanings of "iterative SNIP" exist in the public code (Synaptic-Flow / NPB against naver/force and
+NTK-SAP; see ``book/sources.md``); ``revival`` picks one:
 
 * ``revival=False`` (default; de Jorge et al.'s Iterative SNIP, also NTK-SAP's ``IterSNIP``): score
   ``|theta * dL/dtheta|`` = ``|m * theta * dL/dw|``, zero for pruned weights, and pruned weights are

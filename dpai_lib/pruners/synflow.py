@@ -6,9 +6,9 @@ synaptic flow", NeurIPS 2020 (code: ganguli-lab/Synaptic-Flow).
 Variant implemented:
 
 1. **linearise**: replace every floating-point *parameter* by its absolute value (prunable weights,
-   biases, BatchNorm affine parameters). Buffers are **not** touched (peers.md 5: Synaptic-Flow also
-   takes ``abs`` of every buffer, BN running statistics included; at initialisation, mean 0 / var 1,
-   this is the same; after pre-training ours keeps the true running mean, which can then make
+   biases, BatchNorm affine parameters). Buffers are **not** touched (Synaptic-Flow's ``SynFlow.score``
+   takes ``abs`` of every ``state_dict`` entry, BN running statistics included; at initialisation, mean 0 /
+   var 1, this is the same; after pre-training ours keeps the true running mean, which can then make
    pre-activations negative). The model is a private copy: nothing needs restoring.
 2. BatchNorm in **eval** mode (``train_mode=False``, Synaptic-Flow's default for every pruner and the
    NTK-SAP README's advice for SynFlow), so it uses its running statistics (0 / 1 at init).
