@@ -16,9 +16,12 @@ from torch import nn
 from dpai_lib import build_model, prune
 from dpai_lib.pruners.npb import (
     NPBTimeLimitWarning,
+    _fill_groups,
     _path_counting_copy,
     layer_objective,
+    max_path,
     npb_masks_and_report,
+    release_max_path,
     solve_layer,
 )
 from dpai_lib.sparsity import layer_kept_counts
@@ -142,14 +145,15 @@ def test_fine_tune_keeps_counts_and_only_adds_effective_weights(resnet20, resnet
 
 
 # -- the layer MILP ------------------------------------------------------------------------------------
-def brute_force(p, c_out, n, kmax, alpha, beta, min_n):
+def brute_force(p, c_out, n, kmax, alpha, beta, min_n, variant="release"):
     """Best objective over every integer M with 0 <= M <= kmax and sum(M) <= n (NPB's constraint)."""
     c_in = len(p)
     best = -math.inf
     for flat in itertools.product(range(kmax + 1), repeat=c_in * c_out):
         if sum(flat) <= n:
             M = np.array(flat).reshape(c_in, c_out)
-            best = max(best, layer_objective(M, p, n, kmax=kmax, alpha=alpha, beta=beta, min_n=min_n))
+            best = max(best, layer_objective(M, p, n, kmax=kmax, alpha=alpha, beta=beta, min_n=min_n,
+                                             variant=variant))
     return best
 
 
@@ -157,12 +161,13 @@ def brute_force(p, c_out, n, kmax, alpha, beta, min_n):
 @pytest.mark.parametrize("alpha,beta,min_n", [
     (0.01, 1.0, 1), (0.0, 0.0, 1), (1.0, 0.0, 1), (0.5, 0.3, 1), (0.9, 0.05, 2), (0.3, 2.0, 2),
 ])
-def test_layer_milp_matches_brute_force(p, c_out, n, kmax, alpha, beta, min_n):
-    sol = solve_layer(p, c_out, n, kmax=kmax, alpha=alpha, beta=beta, min_n=min_n, mip_rel_gap=0.0)
+@pytest.mark.parametrize("variant", ["release", "library"])
+def test_layer_milp_matches_brute_force(p, c_out, n, kmax, alpha, beta, min_n, variant):
+    sol = solve_layer(p, c_out, n, kmax=kmax, alpha=alpha, beta=beta, min_n=min_n, mip_rel_gap=0.0, variant=variant)
     assert sol.status == "optimal"
     assert sol.M.shape == (len(p), c_out) and int(sol.M.sum()) == n
     assert sol.M.min() >= 0 and sol.M.max() <= kmax
-    assert sol.objective == pytest.approx(brute_force(p, c_out, n, kmax, alpha, beta, min_n), abs=1e-9)
+    assert sol.objective == pytest.approx(brute_force(p, c_out, n, kmax, alpha, beta, min_n, variant), abs=1e-9)
 
 
 def test_layer_milp_alpha_zero_concentrates_on_highest_path_mass():
@@ -231,7 +236,9 @@ def test_alpha_zero_keeps_the_input_channels_with_the_most_paths():
     assert len(set(p.tolist())) > 1  # random kernel positions of c1 give unequal path masses
     used = masks["c2.weight"].sum((0, 2, 3)) > 0
     assert p[used.numpy()].min() >= p[~used.numpy()].max()
-    assert layer_objective(r.M, p, r.kept, kmax=9, alpha=0.0, beta=0.0) == pytest.approx(1.0)
+    # the library's normaliser is the attainable maximum: B = 1 (NPB's is larger when no whole row fits)
+    assert layer_objective(r.M, p, r.kept, kmax=9, alpha=0.0, beta=0.0, variant="library") == pytest.approx(1.0)
+    assert layer_objective(r.M, p, r.kept, kmax=9, alpha=0.0, beta=0.0) < 1.0
 
 
 def test_p_in_is_the_tensor_entering_each_layer_through_max_pools():
@@ -275,8 +282,114 @@ def test_time_limit_is_reported_and_counts_stay_exact():
         masks, report = npb_masks_and_report(net, 0.95, input_shape=(3, 8, 8), time_limit_s=1e-6,
                                              chunk_threshold=10**9)
     assert report.layers[1].hit_time_limit
-    assert report.as_dict()["time_limit_layers"]
+    assert "1.weight" in report.as_dict()["time_limit_layers"]
+    assert masks.meta["report"]["time_limit_hit"] is True and masks.meta["report"]["time_limit_s"] == 1e-6
     assert masks.layer_kept() == layer_kept_counts(net, 0.95, "erk")
+
+
+# -- NPB as released: path normaliser, min_n capping, VGG max_p schedule, fine-tune rule ----------------
+def test_release_path_normaliser_by_hand():
+    p = [1.0, 2.0, 3.0]  # row = kmax * c_out = 2
+    # n = 1 fills no whole row: NPB's sort(P_in)[-0:] is the whole array -> 2 * (1+2+3) + 1 * 3
+    assert release_max_path(p, 2, 1, 1) == 15.0 and max_path(p, 2, 1, 1) == 3.0
+    # n = 5: two whole rows (3, 2) and one weight on the next (1): both give the attainable maximum
+    assert release_max_path(p, 2, 5, 1) == max_path(p, 2, 5, 1) == 2 * (3 + 2) + 1
+    # n = 6: every row whole, no (m+1)-th value (NPB's IndexError branch)
+    assert release_max_path(p, 2, 6, 1) == max_path(p, 2, 6, 1) == 12.0
+
+
+def test_fill_groups_by_hand():
+    eff = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 0, 0], [1, 1, 1]], dtype=torch.bool)
+    grad = torch.tensor([[0.0, 0.0, 9.0], [5.0, 0.5, 2.0], [7.0, 7.0, 7.0], [1.0, 1.0, 1.0]])
+    # visit order by effective count: group 3 (full), 0 (1 free), 1 (2 free), 2 (3 free)
+    assert _fill_groups(eff, grad, 3).int().tolist() == [[1, 1, 1], [1, 1, 1], [0, 0, 0], [1, 1, 1]]
+    # 2 to add: group 0 whole, then the free position of group 1 with the largest gradient (2.0)
+    assert _fill_groups(eff, grad, 2).int().tolist() == [[1, 1, 1], [1, 0, 1], [0, 0, 0], [1, 1, 1]]
+
+
+def release_fine_tune_reference(model, raw, order, shortcuts, shape):
+    """NPB's fine-tune rule written out with loops (counts kept exact, fresh gradients per layer)."""
+    net = _path_counting_copy(model)
+    params = dict(net.named_parameters())
+    with torch.no_grad():
+        for name, m in raw.items():
+            params[name].copy_(m.to(torch.float64))
+    ws = [params[n] for n in order]
+    for idx, name in enumerate(order):
+        w = ws[idx]
+        if w.dim() != 4:
+            continue
+        for v in ws:
+            v.requires_grad_(True)
+        g = torch.autograd.grad(net(torch.ones((1, *shape), dtype=torch.float64)).sum(), ws)[idx]
+        for v in ws:
+            v.requires_grad_(False)
+        kept = w.detach() > 0
+        eff = kept & (g != 0)
+        todo = int(kept.sum() - eff.sum())
+        if todo <= 1:
+            continue
+        c_out, c_in = w.shape[:2]
+        if name in shortcuts:  # groups: input columns, positions by output channel
+            groups = [[(o, i, a, b) for o in range(c_out) for a in range(w.shape[2]) for b in range(w.shape[3])]
+                      for i in range(c_in)]
+        else:  # groups: kernels
+            groups = [[(o, i, a, b) for a in range(w.shape[2]) for b in range(w.shape[3])]
+                      for o in range(c_out) for i in range(c_in)]
+        counts = [sum(bool(eff[q]) for q in grp) for grp in groups]
+        new = eff.clone()
+        for k in sorted(range(len(groups)), key=lambda k: (-counts[k], k)):
+            free = [q for q in groups[k] if not eff[q]]
+            if len(free) > todo:  # the positions still needed, largest gradient first (ties: first position)
+                free = sorted(free, key=lambda q: -float(g[q]))[:todo]
+            for q in free:
+                new[q] = True
+            todo -= len(free)
+            if todo == 0:
+                break
+        with torch.no_grad():
+            w.copy_(new.to(torch.float64))
+    return {n: params[n].detach() > 0 for n in raw}
+
+
+def test_release_fine_tune_equals_a_loop_reference_and_keeps_counts(resnet20, resnet20_99):
+    tuned, report = resnet20_99
+    raw, _ = npb_masks_and_report(resnet20, 0.99, input_shape=SHAPE, seed=0, fine_tune=False)
+    order = [r.name for r in report.layers]
+    shortcuts = {r.name for r in report.layers if r.kind == "shortcut"}
+    ref = release_fine_tune_reference(resnet20, raw, order, shortcuts, SHAPE)
+    assert all(torch.equal(tuned[n], ref[n]) for n in tuned)
+    assert tuned.layer_kept() == raw.layer_kept()
+    assert sum(r.moved for r in report.layers) > 0
+    assert all(r.moved == 0 for r in report.layers if r.kind == "linear")  # NPB leaves linear layers alone
+    assert report.variant == "release" and tuned.meta["report"]["variant"] == "release"
+
+
+def test_release_min_n_is_capped_and_first_layers_get_one():
+    torch.manual_seed(0)
+    model = TinyConv()
+    for variant, expected in (("release", {"c1.weight": [1], "c2.weight": [1]}),
+                              ("library", {"c1.weight": [3], "c2.weight": [3]})):
+        _, report = npb_masks_and_report(model, 0.9, input_shape=(3, 8, 8), budget="uniform", min_n=3,
+                                         variant=variant, fine_tune=False)
+        assert {r.name: r.min_n for r in report.layers} == expected
+    # a dense enough budget lifts the cap: ceil(n / kernels) = ceil(216 / 48) = 5 >= min_n
+    _, report = npb_masks_and_report(model, 0.5, input_shape=(3, 8, 8), budget="uniform", min_n=3, fine_tune=False)
+    assert {r.name: r.min_n for r in report.layers} == {"c1.weight": [1], "c2.weight": [3]}
+
+
+def test_max_p_drop_layers_lowers_max_p_from_the_given_layers_on():
+    torch.manual_seed(0)
+    model = TinyVGG()
+    _, report = npb_masks_and_report(model, 0.95, input_shape=(3, 16, 16), max_p=9, max_p_drop_layers=[1, 2],
+                                     fine_tune=False)
+    assert [r.kmax for r in report.layers] == [[9], [7], [5], [1]]
+    _, report = npb_masks_and_report(model, 0.95, input_shape=(3, 16, 16), max_p=9, fine_tune=False)
+    assert [r.kmax for r in report.layers] == [[9], [9], [9], [1]]
+    with pytest.raises(ValueError, match="max_p_drop_layers.*below the number of prunable layers"):
+        npb_masks_and_report(model, 0.95, input_shape=(3, 16, 16), max_p_drop_layers=[4])
+    with pytest.raises(ValueError, match="max_p_drop_layers.*max_p is None"):
+        npb_masks_and_report(model, 0.95, input_shape=(3, 16, 16), max_p=None, max_p_drop_layers=[1])
 
 
 # -- errors ----------------------------------------------------------------------------------------------
@@ -291,6 +404,8 @@ def test_unknown_and_bad_hyper_parameters_are_clear_errors(resnet20):
     for name, value in bad.items():
         with pytest.raises(ValueError, match=f"npb: {name} must be"):
             prune(resnet20, "npb", 0.9, input_shape=SHAPE, **{name: value})
+    with pytest.raises(ValueError, match="variant='relase' is not allowed"):
+        prune(resnet20, "npb", 0.9, input_shape=SHAPE, variant="relase")
     with pytest.raises(ValueError, match="budget='erkk' is not allowed"):
         prune(resnet20, "npb", 0.9, input_shape=SHAPE, budget="erkk")
     with pytest.raises(ValueError, match="input_shape"):

@@ -5,7 +5,7 @@ as a graph whose nodes are channels (neurons) and whose edges are kernels (weigh
 layer by layer, from the input to the output, that balances many *effective nodes* (channels with a
 connection) against many *effective paths* (input-to-output chains of kept weights).
 
-Algorithm (re-implemented from the descriptions in ``shared/reference``; no code was copied)
+Algorithm (re-implemented from NPB's paper and its public code, github.com/pvh1602/NPB; none copied)
 -------------------------------------------------------------------------------------------
 1. **Budgets.** Every prunable layer ``l`` keeps exactly ``n_l`` weights:
    :func:`dpai_lib.sparsity.layer_kept_counts` with ``budget`` (``"erk"``, NPB's default, or
@@ -32,8 +32,12 @@ Algorithm (re-implemented from the descriptions in ``shared/reference``; no code
    * ``A = [C_in + C_out - sum_i pos(min_n - sum_j M_ij) - sum_j pos(min_n - sum_i M_ij)] / (C_in + C_out)``
      (``pos`` through non-negative auxiliary variables ``u_i >= min_n - sum_j M_ij``,
      ``v_j >= min_n - sum_i M_ij``),
-   * ``B = sum_i P_in[i] sum_j M_ij / max_path``, ``max_path`` = the largest value that sum can take
-     (whole rows of ``kmax * C_out`` weights given to the largest ``P_in`` first),
+   * ``B = sum_i P_in[i] sum_j M_ij / max_path``. ``variant="release"`` (:func:`release_max_path`):
+     NPB's normaliser, ``row * sum(m largest P_in) + rest * (m+1)-th largest``, ``row = kmax * C_out``,
+     ``m = n // row``; NPB slices the m largest as ``sort(P_in)[-m:]``, the whole array when ``m = 0``,
+     so a layer whose budget fills no whole row divides by ``row * sum(P_in) + n * max(P_in)``: the
+     path term then weighs less against the node term. ``variant="library"`` (:func:`max_path`): the
+     largest value the sum can take (whole rows to the largest ``P_in`` first, then a part row);
    * ``Reg = (n - sum_ij pos(1 - M_ij)) / n`` through auxiliary kernel indicators ``e_ij <= M_ij``,
      ``e_ij <= 1`` (``sum pos(1 - M_ij) = C_in C_out - sum e_ij`` at the optimum).
 
@@ -62,14 +66,23 @@ Algorithm (re-implemented from the descriptions in ``shared/reference``; no code
      a chunk (NPB leaves the trailing ``C_out mod chunk_size`` channels untouched).
 6. **Kernel expansion.** ``M[i, j]`` positions of the kernel are chosen uniformly at random with a
    ``torch.Generator`` seeded with ``seed`` (one generator, layers in forward order): reproducible.
-7. **fine_tune** (NPB's ``fine_tune_mask``, re-designed). Layer by layer in forward order, with the
-   final masks as weights: a kept weight is *ineffective* when the gradient of the summed output of
-   the path-counting network with respect to it is 0 (it lies on no input-to-output path). Each
-   ineffective weight is moved to a pruned position with the largest such gradient (= the number of
-   paths that weight would add; ties by position), as long as positive-gradient positions remain; the
-   gradients are recomputed after every layer that changed. Kept counts are unchanged and no weight
-   that was effective becomes ineffective. NPB instead fills whole kernels (whole input columns for
-   shortcuts) that carry the most effective weights.
+7. **fine_tune.** A kept weight is *ineffective* when the gradient of the summed output of the
+   path-counting network (final masks as weights) with respect to it is 0: it lies on no
+   input-to-output path.
+
+   * ``variant="release"`` (NPB's ``fine_tune_mask``): convolutions in forward order (linear layers
+     are left alone, as in NPB); a layer with more than one ineffective kept weight drops them and
+     refills as many positions: the groups (kernels; for a shortcut, input columns) are visited by
+     decreasing number of effective weights and filled whole, the last one only with the positions
+     still needed, those with the largest path gradient (:func:`_fill_groups`). Differences from NPB:
+     the last group is not filled whole (NPB overshoots the budget by up to a kernel), gradients are
+     recomputed after each changed layer (NPB reuses the first backward for every later layer), and
+     weights still ineffective after the refill are kept (NPB drops them and adds their number to the
+     next layer's refill, so weights dropped at the last convolution are lost): kept counts stay exact.
+   * ``variant="library"``: each ineffective weight is moved to a pruned position with the largest
+     path gradient (= the number of paths that weight would add; ties by position), as long as
+     positive-gradient positions remain; gradients recomputed after every changed layer. No weight
+     that was effective becomes ineffective.
 
 Defaults follow NPB's run script for ResNet-20 / CIFAR-10 (``--alpha 0.01 --beta 1 --max_p 9``, ERK,
 ``chunk_size`` 32, ``min_n`` 1) and its code (chunk threshold 64*32 for CIFAR ResNets, linear chunks of
@@ -83,14 +96,24 @@ Differences from NPB's release (pvh1602/NPB), on purpose
   by one or more entries for conv1/3/7/11 of VGG-19);
 * biases are 0 in the path-counting copy (NPB sets them to 1, so its P_in is not a pure path count);
 * every output channel is solved (remainder chunk) and each chunk's budget adds up to ``n_l``;
-* shortcuts are found by structure, not by the substring ``"shortcut"`` in the name; the ``max_p``
-  decrements at NPB's VGG layer ids are not reproduced (``max_p`` changes only after shortcuts);
+* shortcuts are found by structure, not by the substring ``"shortcut"`` in the name; NPB's VGG
+  ``max_p`` decrements are reproduced by ``max_p_drop_layers`` (set in params/ for VGG-19), not by
+  the model's class name;
 * reproducible kernel positions (seeded ``torch.Generator``; NPB's numpy RNG is never seeded);
-* HiGHS via :func:`scipy.optimize.milp` with a time limit and gap (NPB: cvxpy's default solver);
-* ``fine_tune`` moves ineffective weights by path gain (see 7), not by NPB's kernel-filling rule;
-* not implemented: ``min_n`` capping (unknown rule; the pos() terms are defined for any ``min_n``),
-  NPB's ``--is_scale_weight`` (positions by weight magnitude), ``--is_node_constraint`` and the
-  ERK+ / uniform-with-dense-ends / score-derived budgets (use ``budget="uniform"`` or ``"erk"``).
+* HiGHS via :func:`scipy.optimize.milp` with a time limit and gap (NPB: cvxpy's default solver); the
+  report (``masks.meta["report"]``, kept in run records) says whether any chunk hit the time limit;
+* ``fine_tune`` keeps kept counts exact (see 7);
+* not implemented: NPB's ``--is_scale_weight`` (positions by weight magnitude),
+  ``--is_node_constraint`` and the ERK+ / uniform-with-dense-ends / score-derived budgets (use
+  ``budget="uniform"`` or ``"erk"``).
+
+Variants
+--------
+``variant="release"`` (default, pruner version 2) follows NPB's code in the path normaliser, the
+``min_n`` capping (first layer, shortcuts and linear layers get ``min_n = 1``; other convolutions
+``min(min_n, ceil(n_chunk / kernels))``) and the fine-tune rule. ``variant="library"`` is this
+library's version-1 design: the attainable maximum as normaliser, ``min_n`` for every layer, and the
+path-gain fine-tune.
 
 Supported layers: ``nn.Conv1d/2d/3d`` with ``groups=1`` and ``nn.Linear``, each called once per forward.
 Anything else among :func:`~dpai_lib.masks.prunable_parameters` (grouped/depthwise or transposed
@@ -123,6 +146,7 @@ from dpai_lib.sparsity import LAYERWISE_BUDGETS, layer_kept_counts
 logger = logging.getLogger(__name__)
 
 MAX_P_FLOOR = 5  # NPB lowers max_p after a shortcut only while it is above this value
+VARIANTS = ("release", "library")  # NPB's release behaviour, or this library's earlier re-design
 
 
 class NPBTimeLimitWarning(RuntimeWarning):
@@ -136,8 +160,9 @@ _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # The layer MILP
 # ---------------------------------------------------------------------------------------------------
 def max_path(p_in: np.ndarray, c_out: int, n: int, kmax: int) -> float:
-    """Largest ``sum_i P_in[i] * sum_j M_ij`` with ``0 <= M <= kmax`` and ``sum M <= n``: whole rows
-    (``kmax * c_out`` weights each) for the largest ``P_in`` first."""
+    """The library's path normaliser: the largest ``sum_i P_in[i] * sum_j M_ij`` with ``0 <= M <= kmax`` and
+    ``sum M <= n``, i.e. whole rows (``kmax * c_out`` weights each) for the largest ``P_in`` first, then a
+    fractional row."""
     p = np.sort(np.asarray(p_in, dtype=np.float64))[::-1]
     row = kmax * c_out
     full, rest = divmod(int(n), row)
@@ -147,15 +172,38 @@ def max_path(p_in: np.ndarray, c_out: int, n: int, kmax: int) -> float:
     return total * row
 
 
+def release_max_path(p_in: np.ndarray, c_out: int, n: int, kmax: int) -> float:
+    """NPB's path normaliser (``optimize_layerwise``): with ``row = c_out * kmax``, ``m = n // row`` and
+    ``rest = n - m * row``, ``row * (sum of the m largest P_in) + rest * (the (m+1)-th largest P_in)``; the
+    second term is left out when there is no (m+1)-th value. NPB takes the m largest as the slice
+    ``sort(P_in)[-m:]``, which for ``m == 0`` is the *whole* array: a layer whose budget fills no whole row
+    is normalised by ``row * sum(P_in) + n * max(P_in)``, up to ``C_in`` times the attainable maximum."""
+    p = np.sort(np.asarray(p_in, dtype=np.float64))
+    row = kmax * c_out
+    m = int(n) // row
+    rest = int(n) - m * row
+    top = p[max(p.size - m, 0):] if m > 0 else p  # the m largest; all of them when m == 0 (NPB's [-0:])
+    total = float(top.sum()) * row
+    if m < p.size:
+        total += rest * float(p[p.size - 1 - m])
+    return total
+
+
+def path_normaliser(p_in: np.ndarray, c_out: int, n: int, kmax: int, variant: str = "release") -> float:
+    """The divisor of the path term: :func:`release_max_path` or (``variant="library"``) :func:`max_path`."""
+    return (release_max_path if variant == "release" else max_path)(p_in, c_out, n, kmax)
+
+
 def layer_objective(M: np.ndarray, p_in: np.ndarray, n: int, *, kmax: int, alpha: float, beta: float,
-                    min_n: int = 1) -> float:
-    """NPB's layer objective ``alpha*A + (1-alpha)*B + beta*Reg`` of an integer ``M`` (C_in x C_out)."""
+                    min_n: int = 1, variant: str = "release") -> float:
+    """NPB's layer objective ``alpha*A + (1-alpha)*B + beta*Reg`` of an integer ``M`` (C_in x C_out), with the
+    path normaliser of ``variant``."""
     M = np.asarray(M)
     p = np.asarray(p_in, dtype=np.float64)
     c_in, c_out = M.shape
     rows, cols = M.sum(1), M.sum(0)
     node = (c_in + c_out - np.maximum(0, min_n - rows).sum() - np.maximum(0, min_n - cols).sum()) / (c_in + c_out)
-    mp = max_path(p, c_out, n, kmax)
+    mp = path_normaliser(p, c_out, n, kmax, variant)
     path = float(p @ rows) / mp if mp > 0 else 0.0
     reg = (n - int((M == 0).sum())) / n if n > 0 else 0.0
     return float(alpha * node + (1 - alpha) * path + beta * reg)
@@ -191,12 +239,15 @@ class LayerSolve:
 
 
 def solve_layer(p_in: Sequence[float] | np.ndarray, c_out: int, n: int, *, kmax: int, alpha: float, beta: float,
-                min_n: int = 1, time_limit_s: float | None = None, mip_rel_gap: float | None = None) -> LayerSolve:
+                min_n: int = 1, time_limit_s: float | None = None, mip_rel_gap: float | None = None,
+                variant: str = "release") -> LayerSolve:
     """Solve NPB's layer integer program for ``C_in = len(p_in)`` inputs and ``c_out`` outputs.
 
     Returns the integer kernel counts ``M`` (``C_in x C_out``, entries in ``0..kmax``, summing to
-    exactly ``n``) and the solver status. ``n`` must not exceed ``kmax * C_in * c_out``.
+    exactly ``n``) and the solver status. ``n`` must not exceed ``kmax * C_in * c_out``. ``variant``
+    chooses the path normaliser (:func:`path_normaliser`).
     """
+    check_choice("variant", variant, VARIANTS)
     t0 = time.perf_counter()
     p = np.asarray(p_in, dtype=np.float64).reshape(-1)
     c_in = p.size
@@ -208,7 +259,7 @@ def solve_layer(p_in: Sequence[float] | np.ndarray, c_out: int, n: int, *, kmax:
         raise ValueError("P_in must be finite and non-negative")
 
     def done(M: np.ndarray, status: str, gap: float | None = None, message: str = "") -> LayerSolve:
-        obj = layer_objective(M, p, n, kmax=kmax, alpha=alpha, beta=beta, min_n=min_n)
+        obj = layer_objective(M, p, n, kmax=kmax, alpha=alpha, beta=beta, min_n=min_n, variant=variant)
         return LayerSolve(M, status, obj, time.perf_counter() - t0, gap, message)
 
     if n == 0 or n == kmax * nk:
@@ -220,7 +271,7 @@ def solve_layer(p_in: Sequence[float] | np.ndarray, c_out: int, n: int, *, kmax:
     n_uv = c_in + c_out if use_node else 0
     nv = nk + n_e + n_uv
     c = np.zeros(nv)
-    mp = max_path(p, c_out, n, kmax)
+    mp = path_normaliser(p, c_out, n, kmax, variant)
     if mp > 0 and alpha < 1:
         c[:nk] = -(1 - alpha) * scale * np.repeat(p / mp, c_out)
     blocks, lbs, ubs = [], [], []
@@ -280,6 +331,7 @@ class LayerReport:
     status: list[str]  # per chunk
     objective: list[float]  # per chunk
     seconds: float
+    min_n: list[int] = field(default_factory=list)  # per chunk, as given to the MILP
     moved: int = 0  # weights moved by fine_tune
     ineffective_after: int = 0  # kept weights still on no path after fine_tune
 
@@ -292,18 +344,32 @@ class LayerReport:
 class NPBReport:
     layers: list[LayerReport] = field(default_factory=list)
     seconds: float = 0.0
+    variant: str = "release"
+    time_limit_s: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        """JSON-ready per-layer summary (no arrays)."""
+        """JSON-ready summary (plain ints, floats, strings and lists; no arrays): ``variant``,
+        ``time_limit_hit`` (a chunk stopped at ``time_limit_s`` or fell back to the greedy solution),
+        ``time_limit_layers``, ``status_counts`` (all chunks), ``seconds`` and one entry per layer."""
+        totals: dict[str, int] = {}
+        for r in self.layers:
+            for st in r.status:
+                totals[st] = totals.get(st, 0) + 1
+        slow = [r.name for r in self.layers if r.hit_time_limit]
         return {
-            "seconds": self.seconds,
+            "variant": self.variant,
+            "time_limit_s": self.time_limit_s,
+            "time_limit_hit": bool(slow),
+            "time_limit_layers": slow,
+            "status_counts": dict(sorted(totals.items())),
+            "seconds": float(self.seconds),
             "layers": [
-                {"name": r.name, "kind": r.kind, "kept": r.kept, "alpha": r.alpha, "beta": r.beta, "kmax": r.kmax,
-                 "chunks": len(r.chunks), "status": r.status, "seconds": r.seconds, "moved": r.moved,
-                 "ineffective_after": r.ineffective_after}
+                {"name": r.name, "kind": r.kind, "kept": int(r.kept), "alpha": float(r.alpha), "beta": float(r.beta),
+                 "kmax": [int(k) for k in r.kmax], "min_n": [int(k) for k in r.min_n], "chunks": len(r.chunks),
+                 "status": list(r.status), "status_counts": {st: r.status.count(st) for st in sorted(set(r.status))},
+                 "seconds": float(r.seconds), "moved": int(r.moved), "ineffective_after": int(r.ineffective_after)}
                 for r in self.layers
             ],
-            "time_limit_layers": [r.name for r in self.layers if r.hit_time_limit],
         }
 
 
@@ -426,22 +492,30 @@ def _forward_order(net: nn.Module, layers: dict[str, nn.Module], x: torch.Tensor
     return order, shortcuts
 
 
+def _path_gradients(net: nn.Module, weights: list[torch.Tensor], x: torch.Tensor) -> list[torch.Tensor]:
+    """Gradient of the summed output of the path-counting network w.r.t. each of ``weights`` (a pruned
+    position's gradient = the paths that weight would add; a kept weight's = the paths through it)."""
+    for w in weights:
+        w.requires_grad_(True)
+    try:
+        grads = list(torch.autograd.grad(net(x).sum(), weights))
+    finally:
+        for w in weights:
+            w.requires_grad_(False)
+    if not all(bool(torch.isfinite(g).all()) for g in grads):
+        raise ValueError("npb: path counts overflow float64 in fine_tune")
+    return grads
+
+
 def _fine_tune(net: nn.Module, layers: dict[str, nn.Module], order: list[str], x: torch.Tensor,
                reports: dict[str, LayerReport]) -> None:
-    """Move kept weights that lie on no input-to-output path to the pruned positions that add the most
-    paths (gradient of the summed output), layer by layer in forward order."""
+    """variant "library": move kept weights that lie on no input-to-output path to the pruned positions
+    that add the most paths (gradient of the summed output), layer by layer in forward order."""
     weights = [layers[n].weight for n in order]
     grads: list[torch.Tensor] | None = None
     for idx, name in enumerate(order):
         if grads is None:
-            for w in weights:
-                w.requires_grad_(True)
-            out = net(x)
-            grads = list(torch.autograd.grad(out.sum(), weights))
-            for w in weights:
-                w.requires_grad_(False)
-            if not all(bool(torch.isfinite(g).all()) for g in grads):
-                raise ValueError("npb: path counts overflow float64 in fine_tune")
+            grads = _path_gradients(net, weights, x)
         w, g = weights[idx].detach(), grads[idx]
         kept = w.reshape(-1) > 0
         gflat = g.reshape(-1)
@@ -463,20 +537,89 @@ def _fine_tune(net: nn.Module, layers: dict[str, nn.Module], order: list[str], x
         reports[name].ineffective_after = int(ineffective.numel()) - moved
 
 
+def _fill_groups(eff: torch.Tensor, grad: torch.Tensor, n_add: int) -> torch.Tensor:
+    """NPB's filling rule on ``eff`` (groups x positions, bool): visit the groups by decreasing number of
+    effective weights (ties: lower index first) and set their free positions until ``n_add`` were set;
+    the last group visited gets only the positions still needed, those of largest ``grad`` (ties: lower
+    position first)."""
+    new = eff.clone()
+    visit = torch.sort(eff.sum(1), descending=True, stable=True).indices
+    free = (~eff).sum(1)[visit]
+    ahead = torch.cumsum(free, 0) - free  # free positions in the groups visited before
+    new[visit[ahead + free <= n_add]] = True
+    partial = torch.nonzero((ahead < n_add) & (ahead + free > n_add)).reshape(-1)
+    if partial.numel():
+        k = int(partial[0])
+        g = int(visit[k])
+        score = torch.where(eff[g], torch.full_like(grad[g], -1.0), grad[g])
+        new[g, torch.sort(score, descending=True, stable=True).indices[: n_add - int(ahead[k])]] = True
+    return new
+
+
+def _fine_tune_release(net: nn.Module, layers: dict[str, nn.Module], order: list[str], shortcuts: set[str],
+                       x: torch.Tensor, reports: dict[str, LayerReport]) -> None:
+    """variant "release" (NPB's ``fine_tune_mask`` with exact counts): convolutions in forward order; a
+    layer with more than one ineffective kept weight drops them and refills as many positions by
+    :func:`_fill_groups`, the groups being the kernels (shortcuts: the input columns). Gradients are
+    recomputed after each changed layer; linear layers are left as they are."""
+    weights = [layers[n].weight for n in order]
+    grads: list[torch.Tensor] | None = None
+    for idx, name in enumerate(order):
+        if not isinstance(layers[name], _CONV_TYPES):
+            continue
+        if grads is None:
+            grads = _path_gradients(net, weights, x)
+        w, g = weights[idx].detach(), grads[idx]
+        kept = w > 0
+        eff = kept & (g != 0)
+        n_ineff = int(kept.sum()) - int(eff.sum())
+        if n_ineff <= 1:  # NPB: `if n_ineff > 1`
+            continue
+        c_out, c_in = w.shape[:2]
+        if name in shortcuts:  # groups = input columns (C_in x C_out*kernel)
+            def group(t: torch.Tensor) -> torch.Tensor:
+                return t.reshape(c_out, c_in, -1).transpose(0, 1).reshape(c_in, -1)
+
+            def ungroup(t: torch.Tensor) -> torch.Tensor:
+                return t.reshape(c_in, c_out, -1).transpose(0, 1).reshape(w.shape)
+        else:  # groups = kernels (C_out*C_in x kernel)
+            def group(t: torch.Tensor) -> torch.Tensor:
+                return t.reshape(c_out * c_in, -1)
+
+            def ungroup(t: torch.Tensor) -> torch.Tensor:
+                return t.reshape(w.shape)
+        new = ungroup(_fill_groups(group(eff), group(g), n_ineff))
+        reports[name].moved = int((new & ~kept).sum())
+        if reports[name].moved:
+            with torch.no_grad():
+                weights[idx].copy_(new.to(w.dtype))
+            grads = None  # recompute after a change
+    grads = _path_gradients(net, weights, x)
+    for name, w, g in zip(order, weights, grads):
+        reports[name].ineffective_after = int(((w > 0) & (g == 0)).sum())
+
+
 def npb_masks_and_report(
-    model: nn.Module, sparsity: float, *, input_shape: tuple[int, ...], seed: int = 0, alpha: float = 0.01,
-    beta: float = 1.0, max_p: int | None = 9, min_n: int = 1, budget: str = "erk", chunk_size: int = 32,
-    chunk_threshold: int = 64 * 32, linear_chunk_size: int = 10, linear_chunk_threshold: int = 5120,
-    shortcut_beta: float = 0.001, max_p_step: int = 2, fine_tune: bool = True, time_limit_s: float | None = 60.0,
-    mip_rel_gap: float = 1e-4,
+    model: nn.Module, sparsity: float, *, input_shape: tuple[int, ...], seed: int = 0, variant: str = "release",
+    alpha: float = 0.01, beta: float = 1.0, max_p: int | None = 9, max_p_drop_layers: Sequence[int] | None = None,
+    min_n: int = 1, budget: str = "erk", chunk_size: int = 32, chunk_threshold: int = 64 * 32,
+    linear_chunk_size: int = 10, linear_chunk_threshold: int = 5120, shortcut_beta: float = 0.001,
+    max_p_step: int = 2, fine_tune: bool = True, time_limit_s: float | None = 60.0, mip_rel_gap: float = 1e-4,
 ) -> tuple[Masks, NPBReport]:
     """NPB masks for ``model`` plus a per-layer :class:`NPBReport`; the arguments are those of
     :func:`npb_prune`. ``model`` is not modified."""
     t_start = time.perf_counter()
+    check_choice("variant", variant, VARIANTS)
     _check(_is_real(alpha) and 0 <= alpha <= 1, "alpha", alpha, "a number in [0, 1]")
     _check(_is_real(beta) and beta >= 0, "beta", beta, "a finite number >= 0")
     _check(_is_real(shortcut_beta) and shortcut_beta >= 0, "shortcut_beta", shortcut_beta, "a finite number >= 0")
     _check(max_p is None or (_is_int(max_p) and max_p >= 1), "max_p", max_p, "None or an integer >= 1")
+    _check(max_p_drop_layers is None or (isinstance(max_p_drop_layers, (tuple, list)) and all(
+        _is_int(i) and i >= 0 for i in max_p_drop_layers)), "max_p_drop_layers", max_p_drop_layers,
+        "None or a list of forward-order layer indices >= 0, e.g. [3, 7, 11]")
+    drops = sorted(set(max_p_drop_layers or ()))
+    _check(not drops or max_p is not None, "max_p_drop_layers", max_p_drop_layers,
+           "None (or empty) when max_p is None: there is no max_p to lower")
     _check(_is_int(min_n) and min_n >= 1, "min_n", min_n, "an integer >= 1")
     for nm, v in (("chunk_size", chunk_size), ("linear_chunk_size", linear_chunk_size)):
         _check(_is_int(v) and v >= 1, nm, v, "an integer >= 1")
@@ -491,12 +634,15 @@ def npb_masks_and_report(
     _check(isinstance(input_shape, (tuple, list)) and len(input_shape) > 0
            and all(_is_int(d) and d >= 1 for d in input_shape), "input_shape", input_shape,
            "one input's shape, e.g. (3, 32, 32)")
+    release = variant == "release"
 
     net = _path_counting_copy(model)
     layers = _supported_layers(net)
     counts = layer_kept_counts({n: m.weight.shape for n, m in layers.items()}, sparsity, budget)
     x = torch.ones((1, *input_shape), dtype=torch.float64)
     order, shortcuts = _forward_order(net, layers, x)
+    _check(not drops or drops[-1] < len(order), "max_p_drop_layers", max_p_drop_layers,
+           f"indices below the number of prunable layers ({len(order)})")
     by_module = {id(m): n for n, m in layers.items()}
     gen = torch.Generator().manual_seed(int(seed))
     reports: dict[str, LayerReport] = {}
@@ -507,6 +653,8 @@ def npb_masks_and_report(
         if name in reports:
             return
         t0 = time.perf_counter()
+        if len(reports) in drops:  # NPB's VGG schedule: lowered from this layer on, with no floor
+            state["max_p"] = max(1, state["max_p"] - max_p_step)
         p_in = _input_mass(module, args[0])
         if not np.all(np.isfinite(p_in)):
             raise ValueError(f"npb: path counts overflow float64 at {name!r}")
@@ -528,29 +676,38 @@ def npb_masks_and_report(
             size = chunk_size if c_out * c_in > chunk_threshold else None
         ranges = _chunks(c_out, size)
         M = np.zeros((c_in, c_out), dtype=np.int64)
-        kmaxes, statuses, objectives = [], [], []
+        kmaxes, min_ns, statuses, objectives = [], [], [], []
         for a, b in ranges:
             n_c = n * b // c_out - n * a // c_out  # cumulative rounding: the chunk budgets add up to n
             k_c = min(kernel, max(kmax, -(-n_c // (c_in * (b - a)))))
-            sol = solve_layer(p_in, b - a, n_c, kmax=k_c, alpha=float(alpha), beta=beta_l, min_n=int(min_n),
-                              time_limit_s=time_limit_s, mip_rel_gap=mip_rel_gap)
+            if not release:
+                min_n_c = int(min_n)
+            elif kind == "conv":  # NPB caps min_n at the smallest average kernel fill, ceil(n / kernels)
+                min_n_c = min(int(min_n), -(-n_c // (c_in * (b - a))))
+            else:  # NPB gives min_n to the non-first, non-shortcut convolutions only
+                min_n_c = 1
+            sol = solve_layer(p_in, b - a, n_c, kmax=k_c, alpha=float(alpha), beta=beta_l, min_n=min_n_c,
+                              time_limit_s=time_limit_s, mip_rel_gap=mip_rel_gap, variant=variant)
             M[:, a:b] = sol.M
-            kmaxes.append(k_c), statuses.append(sol.status), objectives.append(sol.objective)
+            kmaxes.append(k_c), min_ns.append(min_n_c), statuses.append(sol.status), objectives.append(sol.objective)
         mask = _expand(M, kernel, gen).reshape(w.shape)
         with torch.no_grad():
             w.copy_(mask.to(w.dtype))
         reports[name] = LayerReport(name, kind, tuple(w.shape), n, float(alpha), beta_l, kmaxes, ranges, p_in, M,
-                                    statuses, objectives, time.perf_counter() - t0)
+                                    statuses, objectives, time.perf_counter() - t0, min_n=min_ns)
         logger.debug("npb %s (%s, n=%d, %d chunk(s), kmax=%s): %s in %.2fs", name, kind, n, len(ranges), kmaxes,
                      statuses, time.perf_counter() - t0)
         if kind == "shortcut" and state["max_p"] is not None and state["max_p"] > MAX_P_FLOOR:
             state["max_p"] -= max_p_step
 
     _forward_with_pre_hook(net, layers.values(), decide, x)
-    if fine_tune:
+    if fine_tune and release:
+        _fine_tune_release(net, layers, order, shortcuts, x, reports)
+    elif fine_tune:
         _fine_tune(net, layers, order, x, reports)
 
-    report = NPBReport([reports[n] for n in order], time.perf_counter() - t_start)
+    report = NPBReport([reports[n] for n in order], time.perf_counter() - t_start, variant,
+                       None if time_limit_s is None else float(time_limit_s))
     slow = [r for r in report.layers if r.hit_time_limit]
     if slow:
         warnings.warn(
@@ -560,15 +717,17 @@ def npb_masks_and_report(
             "the machine's speed (raise time_limit_s or mip_rel_gap for reproducible masks)",
             NPBTimeLimitWarning, stacklevel=3,
         )
-    logger.info("npb: %d layers in %.1fs", len(order), report.seconds)
-    masks = Masks({name: (layers[name].weight.detach() > 0) for name in prunable_parameters(net)})
+    logger.info("npb (%s): %d layers in %.1fs", variant, len(order), report.seconds)
+    masks = Masks({name: (layers[name].weight.detach() > 0) for name in prunable_parameters(net)},
+                  meta={"report": report.as_dict()})
     return masks, report
 
 
 @register_pruner("npb", needs_data=False, version=2)
 def npb_prune(
     model: nn.Module, sparsity: float, *, input_shape: tuple[int, ...], data=None, seed: int = 0,
-    alpha: float = 0.01, beta: float = 1.0, max_p: int | None = 9, min_n: int = 1, budget: str = "erk",
+    variant: str = "release", alpha: float = 0.01, beta: float = 1.0, max_p: int | None = 9,
+    max_p_drop_layers: Sequence[int] | None = None, min_n: int = 1, budget: str = "erk",
     chunk_size: int = 32, chunk_threshold: int = 64 * 32, linear_chunk_size: int = 10,
     linear_chunk_threshold: int = 5120, shortcut_beta: float = 0.001, max_p_step: int = 2, fine_tune: bool = True,
     time_limit_s: float | None = 60.0, mip_rel_gap: float = 1e-4,
@@ -577,10 +736,16 @@ def npb_prune(
 
     Hyper-parameters (defaults = NPB's ResNet-20/CIFAR-10 run script where it sets them):
 
+    * ``variant`` (``"release"``): ``"release"`` follows NPB's code where this library used to differ
+      (path normaliser, ``min_n`` capping, the kernel-filling ``fine_tune``); ``"library"`` is this
+      library's earlier design (see the module docstring, "Variants").
     * ``alpha`` (0.01): weight of the node term; ``1 - alpha`` weighs the path term.
     * ``beta`` (1.0): weight of the kernel regulariser (conv layers other than shortcuts).
     * ``max_p`` (9): most kept weights per kernel for convs after the first (``None`` = whole kernel).
-    * ``min_n`` (1): connections a node needs to count as covered in the node term.
+    * ``max_p_drop_layers`` (None): forward-order indices of prunable layers before which ``max_p`` is
+      lowered by ``max_p_step`` (no floor), NPB's VGG schedule; VGG-19 as released: ``[3, 7, 11]``.
+    * ``min_n`` (1): connections a node needs to count as covered in the node term (``"release"``: given
+      to convolutions other than the first and the shortcuts, capped at ``ceil(n_chunk / kernels)``).
     * ``budget`` (``"erk"``): layer-wise kept counts, ``"erk"`` or ``"uniform"``.
     * ``chunk_size`` (32) / ``chunk_threshold`` (2048 = 64*32, NPB's CIFAR-ResNet value; NPB uses
       128*128 elsewhere): convs with ``C_out * C_in > chunk_threshold`` are solved in chunks of at most
@@ -598,7 +763,8 @@ def npb_prune(
     exactly. For the per-layer report use :func:`npb_masks_and_report`.
     """
     masks, _ = npb_masks_and_report(
-        model, sparsity, input_shape=input_shape, seed=seed, alpha=alpha, beta=beta, max_p=max_p, min_n=min_n,
+        model, sparsity, input_shape=input_shape, seed=seed, variant=variant, alpha=alpha, beta=beta, max_p=max_p,
+        max_p_drop_layers=max_p_drop_layers, min_n=min_n,
         budget=budget, chunk_size=chunk_size, chunk_threshold=chunk_threshold, linear_chunk_size=linear_chunk_size,
         linear_chunk_threshold=linear_chunk_threshold, shortcut_beta=shortcut_beta, max_p_step=max_p_step,
         fine_tune=fine_tune, time_limit_s=time_limit_s, mip_rel_gap=mip_rel_gap,
