@@ -8,7 +8,7 @@ from torch import nn
 
 from dpai_lib import build_model, prune
 from dpai_lib.pruners._select import topk_mask
-from dpai_lib.pruners.dpai import ReleasePathCount, _TrackedTopK
+from dpai_lib.pruners.dpai import ReleasePathCount, _TrackedTopK, _true_indices
 from dpai_lib.sparsity import layer_kept_counts
 
 
@@ -40,6 +40,28 @@ def test_tracked_topk_equals_a_full_sort_along_a_score_trajectory():
             got = sel(cur.abs())
             assert torch.equal(got, topk_mask(cur.abs(), k)), (k, step)
             assert int(got.sum()) == k
+
+
+def test_tracked_topk_with_many_ties_keeps_the_earliest_like_a_stable_sort():
+    gen = torch.Generator().manual_seed(1)
+    s = torch.randn(40, 30, 3, 3, generator=gen)
+    for k in (7, 1000, 9000):
+        sel, cur = _TrackedTopK(k), s.clone()
+        for step in range(20):
+            cur = torch.round((cur + 2e-3 * torch.randn(cur.shape, generator=gen)) * 100) / 100  # ties everywhere
+            got = sel(cur.abs())
+            assert torch.equal(got, topk_mask(cur.abs(), k)), (k, step)
+
+
+@pytest.mark.parametrize("n,true", [(0, 0), (255, 3), (256, 0), (1000, 1), (70000, 40), (70001, 70001)])
+def test_true_indices_equal_nonzero(n, true):
+    gen = torch.Generator().manual_seed(n)
+    flags = torch.zeros(n, dtype=torch.bool)
+    flags[torch.randperm(n, generator=gen)[:true]] = True
+    if n > 1:
+        flags[-1] = True  # the tail beyond the last whole block
+    assert torch.equal(_true_indices(flags), torch.nonzero(flags).flatten())
+    assert torch.equal(_true_indices(flags.view(-1, 1) if n else flags), torch.nonzero(flags).flatten())
 
 
 def test_init_scores_with_zero_steps_give_the_topk_of_their_magnitudes():

@@ -71,18 +71,20 @@ class _TrackedTopK:
             return self._full(a)
         for _ in range(4):
             lo, hi = self.threshold - self.width, self.threshold + self.width
-            above = int(torch.count_nonzero(a > hi))
-            in_band = (a > lo) & (a <= hi)
-            band_n = int(torch.count_nonzero(in_band))
-            if above <= k < above + band_n:  # the boundary lies strictly inside the band
-                band = a[in_band]
-                t = band.kthvalue(band_n - (k - above)).values
-                mask = a > t
-                missing = k - int(torch.count_nonzero(mask))
-                if missing > 0:  # ties at t: the earliest entries are kept, as a stable sort would
-                    mask.view(-1)[torch.nonzero(a.view(-1) == t).flatten()[:missing]] = True
-                self.threshold = float(t)
-                return mask
+            mask = a > hi
+            above = int(torch.count_nonzero(mask))
+            if above <= k:
+                idx = _true_indices((a > lo) ^ mask)  # the band (lo, hi], ascending flat indices
+                if k < above + idx.numel():  # the boundary lies strictly inside the band
+                    vals = a.reshape(-1)[idx]
+                    t = vals.kthvalue(idx.numel() - (k - above)).values
+                    take = vals > t
+                    missing = k - above - int(torch.count_nonzero(take))
+                    if missing > 0:  # ties at t: the earliest entries are kept, as a stable sort would
+                        take[torch.nonzero(vals == t).flatten()[:missing]] = True
+                    mask.view(-1)[idx[take]] = True
+                    self.threshold = float(t)
+                    return mask
             self.width *= 4
         return self._full(a)
 
@@ -93,12 +95,25 @@ class _TrackedTopK:
         return mask
 
 
+def _true_indices(flags: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """Ascending flat indices of the ``True`` entries of a contiguous bool tensor with few of them:
+    ``nonzero`` on the blocks of ``block`` entries that hold one (a byte-wise max finds them), which is
+    several times faster than ``nonzero`` on the whole tensor."""
+    flat = flags.view(-1)
+    nb = flat.numel() // block
+    head = flat[: nb * block].view(nb, block)
+    rows = torch.nonzero(head.view(torch.uint8).amax(1)).flatten()
+    r, c = torch.nonzero(head[rows], as_tuple=True)
+    tail = torch.nonzero(flat[nb * block:]).flatten()
+    return torch.cat((rows[r] * block + c, tail + nb * block))
+
+
 def _indicators(g_mask: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Node (output unit) and kernel indicators of the effective weights (``|g| * m > 0``), shaped to
     broadcast against the weight: ``(out, 1, ...)`` and ``(out, in, 1, ...)`` (linear: per weight)."""
     eff = (g_mask != 0) & mask
     if eff.dim() > 2:  # conv: (out, in, *kernel)
-        kernel = eff.flatten(2).any(2)
+        kernel = eff.flatten(2).view(torch.uint8).amax(2).bool()  # any(2), several times faster
         node = kernel.any(1)
         return node.view(-1, *([1] * (eff.dim() - 1))), kernel.view(*kernel.shape, *([1] * (eff.dim() - 2)))
     return eff.any(1).view(-1, 1), eff
@@ -151,7 +166,8 @@ def dpai_prune(
     def evaluate(update: bool) -> None:
         with torch.no_grad():
             masks = {n: selectors[n](s.abs()) for n, s in scores.items()}
-        weights = {n: m.to(torch.float32).requires_grad_(True) for n, m in masks.items()}
+        # bool -> float through uint8: the same values, several times faster than a direct cast
+        weights = {n: m.view(torch.uint8).to(torch.float32).requires_grad_(True) for n, m in masks.items()}
         log_paths = counter(weights)
         if not torch.isfinite(log_paths):
             raise RuntimeError(f"DPaI: the masks leave no input-output path (log paths = {float(log_paths)}) at "
