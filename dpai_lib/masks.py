@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from dpai_lib.errors import UserError
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -44,7 +46,7 @@ def prunable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if id(p) in ids}
 
 
-class MaskError(ValueError):
+class MaskError(UserError):
     """A mask that does not fit its model, or whose content is not 0/1."""
 
 
@@ -202,16 +204,37 @@ class Masks(Mapping[str, torch.Tensor]):
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Masks:
-        """Read a file written by :meth:`save` (tensor order preserved)."""
-        from safetensors import safe_open
+        """Read a file written by :meth:`save` (tensor order preserved). A missing file is a
+        ``FileNotFoundError``; a file that is not a masks file (not safetensors, another format, tensors
+        missing or unlisted) is a :class:`MaskError` naming the file."""
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != FORMAT:
-                raise MaskError(f"{path}: not a dpai_lib masks file (format {meta.get('format')!r}, expected {FORMAT!r})")
-            order = json.loads(meta["order"])
-            return cls({n: f.get_tensor(n) for n in order})
-
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no masks file at {path}" + (" (it is a folder)" if path.is_dir() else ""))
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != FORMAT:
+                    raise MaskError(f"{path}: not a dpai_lib masks file (format {meta.get('format')!r}, "
+                                    f"expected {FORMAT!r})")
+                try:
+                    order = json.loads(meta["order"])
+                except (KeyError, ValueError):
+                    raise MaskError(f"{path}: damaged masks file: its metadata has no valid tensor 'order'") from None
+                stored = set(f.keys())
+                missing = [n for n in order if n not in stored]
+                extra = sorted(stored - set(order))
+                if missing or extra:
+                    raise MaskError(f"{path}: damaged masks file: " + "; ".join(
+                        ([f"tensors listed but missing {missing[:5]}"] if missing else [])
+                        + ([f"tensors not listed {extra[:5]}"] if extra else [])))
+                try:
+                    return cls({n: f.get_tensor(n) for n in order})
+                except MaskError as err:  # content that is not 0/1
+                    raise MaskError(f"{path}: {err}") from None
+        except SafetensorError as err:
+            raise MaskError(f"{path}: not a masks file (not a readable safetensors file: {err})") from None
 
 class MaskEnforcer:
     """Keeps pruned weights at exactly zero: applied once, then after every optimizer step.

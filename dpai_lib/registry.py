@@ -8,11 +8,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+from dpai_lib.errors import UserError, unknown
+
 T = TypeVar("T")
 
 
-class UnknownNameError(KeyError):
-    """Raised for a name that is not registered; the message lists the registered names."""
+class UnknownNameError(KeyError, UserError):
+    """Raised for a name that is not registered; the message suggests the closest registered name and lists
+    them all. A ``KeyError`` (a failed look-up) and a :class:`~dpai_lib.errors.UserError` (a user's typo)."""
 
     def __str__(self) -> str:  # KeyError would otherwise quote the whole message
         return str(self.args[0])
@@ -47,9 +50,8 @@ class Registry(Generic[T]):
     def get(self, name: str) -> T:
         try:
             return self._entries[name]
-        except KeyError:
-            known = ", ".join(sorted(self._entries))
-            raise UnknownNameError(f"unknown {self.kind} {name!r}; known {self.kind}s: {known}") from None
+        except (KeyError, TypeError):  # TypeError: an unhashable "name", e.g. arguments in the wrong order
+            raise UnknownNameError(unknown(self.kind, name, sorted(self._entries))) from None
 
     def version(self, name: str) -> int:
         """The code version of a registered entry (see :meth:`register`)."""

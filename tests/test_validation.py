@@ -1,0 +1,133 @@
+"""Bad inputs fail early with one line that names them: prune() arguments, masks files, run configurations
+and params files (every tier, every name, every pruner option)."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+from torch import nn
+
+from dpai_lib import build_model, prune
+from dpai_lib.config import ConfigError
+from dpai_lib.errors import UserError
+from dpai_lib.masks import FORMAT, MaskError, Masks
+from dpai_lib.pruners import check_options
+
+PARAMS = Path(__file__).resolve().parents[1] / "params"
+
+
+@pytest.fixture(scope="module")
+def resnet20():
+    return build_model("resnet20", 10)
+
+
+# -- prune(): the common entry point ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["dpai", "magnitude", "random"])
+def test_a_model_without_prunable_weights_is_refused_by_name(method):
+    with pytest.raises(ValueError, match=rf"^Sequential has no prunable weights .*pruner '{method}' has nothing to prune$"):
+        prune(nn.Sequential(nn.ReLU(), nn.BatchNorm1d(4)), method, 0.9, input_shape=(4,))
+
+
+def test_an_input_shape_the_model_cannot_take_is_named_with_the_models_error(resnet20):
+    with pytest.raises(ValueError, match=r"^input_shape \(1, 32, 32\) does not fit this CifarResNet: .*RuntimeError: "
+                                         r".*expected input\[1, 1, 32, 32\] to have 3 channels"):
+        prune(resnet20, "random", 0.9, input_shape=(1, 32, 32))
+    with pytest.raises(TypeError, match=r"^input_shape must be one input's shape .*e\.g\. \(3, 32, 32\); got 32$"):
+        prune(resnet20, "random", 0.9, input_shape=32)
+    with pytest.raises(TypeError, match=r"got \(3, 0, 32\)$"):
+        prune(resnet20, "random", 0.9, input_shape=(3, 0, 32))
+
+
+def test_the_shape_check_leaves_batch_norm_statistics_and_train_flags_alone(monkeypatch):
+    model = build_model("resnet20", 10)
+    model.train()
+    model.layers[0].eval()  # a mixed state must come back as it was
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [m.training for m in model.modules()]
+    captured = {}
+
+    from dpai_lib.pruners import PRUNERS, list_pruners
+
+    def _probe(model, sparsity, *, input_shape, data=None, seed=0):  # what a pruner receives
+        captured["flags"] = [m.training for m in model.modules()]
+        captured["state"] = {k: v.clone() for k, v in model.state_dict().items()}
+        return Masks.ones(model)
+
+    _probe.needs_data = False
+    list_pruners()
+    monkeypatch.setitem(PRUNERS._entries, "_probe", _probe)  # registered for this test only
+    prune(model, "_probe", 0.0, input_shape=(3, 32, 32))
+    assert captured["flags"] == flags
+    assert all(torch.equal(captured["state"][k], v) for k, v in before.items())
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_seeds_must_be_non_negative_integers(resnet20):
+    with pytest.raises(ValueError, match=r"^seed must be an integer >= 0; got -1$"):
+        prune(resnet20, "random", 0.9, input_shape=(3, 32, 32), seed=-1)
+    for bad, shown in [(1.5, "1.5"), ("0", "'0'"), (True, "True")]:
+        with pytest.raises(TypeError, match=rf"^seed must be an integer >= 0; got {re.escape(shown)}$"):
+            prune(resnet20, "random", 0.9, input_shape=(3, 32, 32), seed=bad)
+
+
+def test_arguments_in_the_wrong_order_give_a_short_error_not_the_models_repr(resnet20):
+    for args, match in [(("dpai", resnet20, 0.9), r"^prune\(model, method, sparsity.*takes the network first; got 'dpai'"),
+                        ((resnet20, 0.9, "dpai"), r"^the pruning method must be a pruner name \(dpai, .*\); got 0\.9"),
+                        ((resnet20, resnet20, 0.9), r"^the pruning method must be .*; got a CifarResNet module"),
+                        ((resnet20, "dpai", resnet20), r"^sparsity must be a number in \[0, 1\); got a CifarResNet module$")]:
+        with pytest.raises(TypeError, match=match) as err:
+            prune(*args, input_shape=(3, 32, 32))
+        assert "\n" not in str(err.value) and len(str(err.value)) < 300
+
+
+def test_unknown_pruners_and_options_suggest_the_closest_name(resnet20):
+    with pytest.raises(UserError, match=r"^unknown pruner 'dpia'; did you mean 'dpai'\? known pruners: dpai, grasp"):
+        prune(resnet20, "dpia", 0.9, input_shape=(3, 32, 32))
+    with pytest.raises(TypeError, match=r"no hyper-parameter 'stpes'; did you mean 'steps'\? valid: alpha=0\.99"):
+        prune(resnet20, "dpai", 0.9, input_shape=(3, 32, 32), stpes=3)
+
+
+def test_option_types_come_from_the_pruner_functions_annotations():
+    assert check_options("dpai", {"steps": 3, "alpha": 1, "beta": 0.5, "budget": "uniform"}) == []  # int is a float
+    assert check_options("npb", {"max_p": None, "max_p_drop_layers": [3, 7, 11], "time_limit_s": 5}) == []
+    assert check_options("dpai", {"steps": "abc", "lr": True, "alpah": 0.5}) == [
+        ("steps", "option 'steps' of pruner 'dpai' must be an integer; got 'abc'"),
+        ("lr", "option 'lr' of pruner 'dpai' must be a number; got True"),
+        ("alpah", "unknown option of pruner 'dpai'; did you mean 'alpha'? its options: alpha, beta, lr, steps, "
+                  "budget, path_count, init_scores, trace, progress")]
+    assert check_options("npb", {"max_p": 9.5, "max_p_drop_layers": "3"}) == [
+        ("max_p", "option 'max_p' of pruner 'npb' must be an integer or null; got 9.5"),
+        ("max_p_drop_layers", "option 'max_p_drop_layers' of pruner 'npb' must be a list of integers or null; got '3'")]
+
+
+# -- masks files -----------------------------------------------------------------------------------
+
+
+def test_a_garbage_or_damaged_masks_file_is_named(tmp_path):
+    good = Masks({"w": torch.tensor([1, 0, 1], dtype=torch.bool)}).save(tmp_path / "good.safetensors")
+    assert torch.equal(Masks.load(good)["w"], torch.tensor([True, False, True]))
+    cases = {
+        "text.safetensors": (lambda p: p.write_text("not a tensor file\n" * 5), "not a masks file \\(not a readable safetensors"),
+        "cut.safetensors": (lambda p: p.write_bytes(good.read_bytes()[:-2]), "not a masks file \\(not a readable safetensors"),
+        "other.safetensors": (lambda p: save_file({"w": torch.ones(3)}, str(p)),
+                              "not a dpai_lib masks file \\(format None, expected 'dpai_lib.masks/1'\\)"),
+        "lacking.safetensors": (lambda p: save_file({"w": torch.ones(3)}, str(p), metadata={
+            "format": FORMAT, "order": json.dumps(["w", "v"])}), "damaged masks file: tensors listed but missing \\['v'\\]"),
+        "no_order.safetensors": (lambda p: save_file({"w": torch.ones(3)}, str(p), metadata={"format": FORMAT}),
+                                 "damaged masks file: its metadata has no valid tensor 'order'"),
+        "halves.safetensors": (lambda p: save_file({"w": torch.full((3,), 0.5)}, str(p), metadata={
+            "format": FORMAT, "order": json.dumps(["w"])}), "mask 'w' must contain only 0 and 1"),
+    }
+    for name, (write, match) in cases.items():
+        path = tmp_path / name
+        write(path)
+        with pytest.raises(MaskError, match=rf"^{re.escape(str(path))}: {match}"):
+            Masks.load(path)
+    with pytest.raises(FileNotFoundError, match=r"^no masks file at .*missing\.safetensors$"):
+        Masks.load(tmp_path / "missing.safetensors")
