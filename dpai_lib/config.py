@@ -9,9 +9,9 @@ key, the allowed keys and the closest match.
 
 from __future__ import annotations
 
-import difflib
-import typing
+import inspect
 import os
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -19,9 +19,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dpai_lib.errors import UserError, one_line, short, suggest, unknown
 
-class ConfigError(ValueError):
-    """A configuration that does not validate; the message lists every problem."""
+
+class ConfigError(UserError):
+    """A configuration that does not validate; the message (one line) names the file, each bad key and what is
+    allowed."""
 
 
 class StrictModel(BaseModel):
@@ -129,40 +132,162 @@ def _model_at(cls: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     return cls
 
 
-def _describe(errors: list[dict], root: type[BaseModel]) -> list[str]:
-    lines = []
+def _describe(errors: list[dict], root: type[BaseModel], *, partial: bool = False) -> list[tuple[str, str]]:
+    """(key path, message) per pydantic error. ``partial``: the input is a part of a configuration that is
+    merged with others before it runs (a params file's ``base``, a setting's ``config``, ...), so missing
+    keys and checks that need the whole section (e.g. momentum vs optimizer) are left to the merged run."""
+    problems = []
     for err in errors:
         loc = tuple(err["loc"])
         where = ".".join(map(str, loc)) or "(top level)"
         if err["type"] == "extra_forbidden":
             parent = _model_at(root, loc[:-1])
             allowed = sorted(parent.model_fields) if parent else []
-            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            lines.append(f"{where}: unknown key{hint}; allowed keys here: {', '.join(allowed)}")
+            hint = suggest(loc[-1], allowed)
+            problems.append((where, f"unknown key;{hint} allowed keys here: {', '.join(allowed)}"))
         elif err["type"] == "missing":
-            lines.append(f"{where}: required key is missing")
+            if not partial:
+                problems.append((where, "required key is missing"))
+        elif partial and err["type"] in ("value_error", "assertion_error") and _model_at(root, loc) is not None:
+            continue  # a check of a whole section (model validator): judged on the merged run
         else:
-            lines.append(f"{where}: {err['msg']} (got {err.get('input')!r})")
-    return lines
+            msg, value = err["msg"].removeprefix("Value error, "), err.get("input")
+            got = "" if isinstance(value, Mapping) and err["type"] == "value_error" else f" (got {short(value)})"
+            problems.append((where, f"{msg}{got}"))
+    return problems
 
 
-def validate_config(raw: Mapping[str, Any], source: str = "config") -> RunConfig:
-    """Validate a plain mapping into a :class:`RunConfig`, or raise :class:`ConfigError`."""
+def _joined(source: str, problems: list[tuple[str, str]], limit: int = 4) -> str:
+    """One line: ``source: key.path: problem; other.key: problem (and N more)``."""
+    text = "; ".join(f"{where}: {msg}" if where else msg for where, msg in problems[:limit])
+    more = f" (and {len(problems) - limit} more)" if len(problems) > limit else ""
+    return one_line(f"{source}: {text}{more}")
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _keyword_problems(options: Mapping[str, Any], defaults: Mapping[str, Any], owner: str) -> list[tuple[str, str]]:
+    """Options checked against a data set's or model builder's keywords: names, and int/float/bool/str types
+    taken from the defaults (strictly; an int is a valid float)."""
+    from pydantic import ConfigDict, TypeAdapter
+
+    problems = []
+    for name, value in options.items():
+        if name not in defaults:
+            problems.append((str(name), f"unknown option of {owner};{suggest(name, defaults)} its options: "
+                                        f"{', '.join(defaults) or 'none'}"))
+            continue
+        kind = type(defaults[name])
+        if kind in (int, float, bool, str):
+            try:
+                TypeAdapter(kind, config=ConfigDict(strict=True)).validate_python(value)
+            except ValidationError:
+                problems.append((str(name), f"option {name!r} of {owner} must be {_WORDS[kind]}; got {short(value)}"))
+    return problems
+
+
+_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def name_problems(raw: Mapping[str, Any], *, runnable: bool = False) -> list[tuple[str, str]]:
+    """What a (possibly partial) run configuration names that does not exist, as (key path, message): the
+    data set, model and pruner names (with the closest known name), their options (names and types) and,
+    with ``runnable``, the pruning data that a pruner scoring with data needs. Keys that are absent are not
+    judged here (the structural validation says which are required)."""
+    from dpai_lib import data as datamod
+    from dpai_lib.models import TORCHVISION_PREFIX, MODELS, list_models
+    from dpai_lib.pruners import PRUNERS, check_options, list_pruners
+
+    problems: list[tuple[str, str]] = []
+    data, model, prune = _mapping(raw.get("data")), _mapping(raw.get("model")), _mapping(raw.get("prune"))
+    name = data.get("name")
+    if isinstance(name, str):
+        if name not in datamod.DATASETS:
+            problems.append(("data.name", unknown("data set", name, datamod.list_datasets())))
+        else:
+            problems += [(f"data.options.{k}", m) for k, m in _keyword_problems(
+                _mapping(data.get("options")), datamod.DATASETS.get(name).options, f"data set {name!r}")]
+    name = model.get("name")
+    if isinstance(name, str):
+        if name.startswith(TORCHVISION_PREFIX):
+            from dpai_lib.models import _torchvision_names
+
+            tv = _torchvision_names()
+            if name[len(TORCHVISION_PREFIX):] not in tv:
+                problems.append(("model.name", unknown("torchvision model", name, [TORCHVISION_PREFIX + n for n in tv])))
+        elif name not in list_models():
+            problems.append(("model.name", unknown("model", name, list_models()) + " (or 'tv:<torchvision name>')"))
+        else:
+            sig = inspect.signature(MODELS.get(name))
+            defaults = {n: p.default for n, p in sig.parameters.items()
+                        if n != "num_classes" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+            if not any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+                problems += [(f"model.options.{k}", m) for k, m in _keyword_problems(
+                    _mapping(model.get("options")), defaults, f"model {name!r}")]
+    method = prune.get("method")
+    if isinstance(method, str):
+        if method not in list_pruners():
+            problems.append(("prune.method", unknown("pruner", method, list_pruners())))
+        else:
+            problems += [(f"prune.options.{k}", m) for k, m in check_options(method, _mapping(prune.get("options")))]
+            if runnable and PRUNERS.get(method).needs_data and (
+                    prune.get("data_batches") is None or prune.get("data_batch_size") is None):
+                problems.append(("prune.data_batches", f"pruner {method!r} scores weights with data: set both "
+                                 "prune.data_batches and prune.data_batch_size (the number and size of the "
+                                 "training batches it gets)"))
+    return problems
+
+
+def config_problems(raw: Mapping[str, Any], *, partial: bool = False, runnable: bool = False) -> list[tuple[str, str]]:
+    """Every problem of a run configuration (or, with ``partial``, of a part of one), as (key path, message):
+    unknown or mistyped keys, then unknown names and options (:func:`name_problems`)."""
+    try:
+        RunConfig.model_validate(dict(raw))
+        problems = []
+    except ValidationError as exc:
+        problems = _describe(exc.errors(), RunConfig, partial=partial)
+    return problems + name_problems(raw, runnable=runnable and not partial)
+
+
+def validate_config(raw: Mapping[str, Any], source: str = "config", *, runnable: bool = False) -> RunConfig:
+    """Validate a plain mapping into a :class:`RunConfig`, or raise :class:`ConfigError` (one line naming
+    ``source``, each bad key and what is allowed). Names of data sets, models and pruners and the pruner's
+    options are checked too; ``runnable`` also requires what running needs (pruning data for the pruners
+    that score with data)."""
+    if raw is None:
+        raise ConfigError(f"{source}: the configuration is empty; expected a mapping of keys to values")
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{source}: expected a mapping of keys to values, got {type(raw).__name__}")
+    problems = config_problems(raw, runnable=runnable)
+    if problems:
+        raise ConfigError(_joined(source, problems))
+    return RunConfig.model_validate(dict(raw))
+
+
+def read_yaml(path: str | os.PathLike, what: str = "file") -> Any:
+    """The content of a YAML file, or a :class:`ConfigError` naming the file: missing, a folder, unreadable,
+    or a YAML syntax error (with its line and column)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, not a {what}")
+    if not path.is_file():
+        raise ConfigError(f"no {what} at {path}")
     try:
-        return RunConfig.model_validate(dict(raw))
-    except ValidationError as exc:
-        problems = "\n  ".join(_describe(exc.errors(), RunConfig))
-        raise ConfigError(f"{source}: invalid run configuration:\n  {problems}") from None
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read this {what}: {err}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err)
+        context = getattr(err, "context", None)
+        raise ConfigError(one_line(f"{path}: {at}YAML syntax error: {problem}" + (f" ({context})" if context else ""))) from None
 
 
 def load_config(path: str | os.PathLike) -> RunConfig:
-    """Read a YAML run configuration file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"no configuration file at {path}")
-    with path.open() as f:
-        raw = yaml.safe_load(f)
-    return validate_config(raw, source=str(path))
+    """Read a YAML run configuration file and validate it as a runnable configuration."""
+    return validate_config(read_yaml(path, "configuration file"), source=str(path), runnable=True)

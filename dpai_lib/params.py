@@ -22,12 +22,12 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, PrivateAttr, ValidationError
 
-from dpai_lib.config import ConfigError, RunConfig, StrictModel, _describe, validate_config
+from dpai_lib.config import ConfigError, RunConfig, StrictModel, _describe, _joined, config_problems, read_yaml, validate_config
+from dpai_lib.errors import suggest, unknown
 
 BUDGETS = ("smoke", "short", "paper")
 
@@ -37,16 +37,18 @@ class Budget(StrictModel):
     methods: dict[str, dict[str, Any]] = Field(default_factory=dict, description="pruner name -> prune.options overrides")
     settings: dict[str, dict[str, Any]] = Field(default_factory=dict, description="setting name -> overrides")
     description: str = Field("", description="what this tier is for, in words")
-    seeds: list[int] | None = Field(None, description="run only the settings' seeds that are in this list")
-    sparsities: list[float] | None = Field(
+    seeds: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None, description="run only the settings' seeds that are in this list")
+    sparsities: list[Annotated[float, Field(ge=0.0, lt=1.0)]] | None = Field(
         None, description="run only the settings' sparsities that are in this list (a smaller grid for smoke runs)")
 
 
 class Setting(StrictModel):
     config: dict[str, Any] = Field(description="partial run configuration: data, model, train, ...")
-    methods: list[str] = Field(description="pruners run in this setting")
-    sparsities: list[float] = Field(description="fractions of weights removed")
-    seeds: list[int] = Field(description="seeds")
+    methods: list[str] = Field(min_length=1, description="pruners run in this setting")
+    sparsities: list[Annotated[float, Field(ge=0.0, lt=1.0)]] = Field(
+        min_length=1, description="fractions of weights removed, each in [0, 1)")
+    seeds: list[Annotated[int, Field(ge=0)]] = Field(min_length=1, description="seeds (integers >= 0)")
     method_options: dict[str, dict[str, Any]] = Field(default_factory=dict, description="per-setting pruner options")
 
 
@@ -64,24 +66,8 @@ class Artefact(StrictModel):
     settings: dict[str, Setting]
     budgets: dict[Literal["smoke", "short", "paper"], Budget]
 
-    @model_validator(mode="after")
-    def _consistent(self) -> Artefact:
-        missing = [b for b in BUDGETS if b not in self.budgets]
-        if missing:
-            raise ValueError(f"budgets must define every tier {BUDGETS}; missing {missing}")
-        for tier, budget in self.budgets.items():
-            unknown = [s for s in budget.settings if s not in self.settings]
-            if unknown:
-                raise ValueError(f"budget {tier!r} overrides unknown settings {unknown}")
-            for name, setting in self.settings.items():
-                if not _keep(setting.seeds, budget.seeds) or not _keep(setting.sparsities, budget.sparsities):
-                    raise ValueError(f"budget {tier!r} keeps no seed or no sparsity of setting {name!r} "
-                                     f"(seeds {setting.seeds}, sparsities {setting.sparsities})")
-        for name, setting in self.settings.items():
-            unknown = [m for m in setting.methods if m not in self.methods]
-            if unknown:
-                raise ValueError(f"setting {name!r} runs {unknown}, which are not under 'methods'")
-        return self
+    _source: str = PrivateAttr("")  # the file it was read from, for messages
+    _runs: dict[str, list[PlannedRun]] = PrivateAttr(default_factory=dict)  # expand() per tier, validated
 
 
 def _keep(values: list, allowed: list | None) -> list:
@@ -114,39 +100,130 @@ def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, An
 
 
 def load_artefact(path: str | os.PathLike) -> Artefact:
+    """Read and fully validate a params file, or raise :class:`ConfigError` (one line naming the file and the
+    key path of each problem). Validated: the structure, every name (data sets, models, pruners, methods,
+    settings) with the closest known name, every pruner option (name and type, from the pruner function's
+    annotations) where it is written, and every run of every tier (smoke, short, paper) as a runnable
+    configuration, so a typo in a tier nobody runs today is caught too."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"no params file at {path}")
-    raw = yaml.safe_load(path.read_text())
+    raw = read_yaml(path, "params file")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values (artefact, title, ..., budgets), got "
+                          f"{'an empty file' if raw is None else type(raw).__name__}")
     try:
         art = Artefact.model_validate(raw)
     except ValidationError as exc:
-        problems = "\n  ".join(_describe(exc.errors(), Artefact))
-        raise ConfigError(f"{path}: invalid params file:\n  {problems}") from None
+        raise ConfigError(_joined(str(path), _describe(exc.errors(), Artefact))) from None
     if art.artefact != path.stem:
-        raise ConfigError(f"{path}: 'artefact: {art.artefact}' must equal the file name {path.stem!r}")
+        raise ConfigError(f"{path}: artefact: {art.artefact!r} must equal the file name {path.stem!r}")
+    problems = _problems(art)
+    if problems:
+        raise ConfigError(_joined(str(path), problems))
+    art._source = str(path)
+    for budget in BUDGETS:
+        art._runs[budget] = _expand(art, budget)
     return art
+
+
+def _problems(art: Artefact) -> list[tuple[str, str]]:
+    """(key path, message) for everything wrong in ``art`` where it is written: names, pruner options,
+    partial configurations and the tiers' grids. The merged runs are validated after this (:func:`_expand`)."""
+    from dpai_lib.pruners import check_options, list_pruners
+
+    problems: list[tuple[str, str]] = []
+    missing = [b for b in BUDGETS if b not in art.budgets]
+    if missing:
+        problems.append(("budgets", f"every tier ({', '.join(BUDGETS)}) must be defined, even as {{}}; missing "
+                                    f"{', '.join(missing)}"))
+    pruners: dict[str, str] = {}  # method -> its registered pruner
+    for method, options in art.methods.items():
+        pruner = options.get("pruner", method)
+        if not isinstance(pruner, str) or pruner not in list_pruners():
+            where, note = (f"methods.{method}.pruner", "") if "pruner" in options else (
+                f"methods.{method}", " (a method named other than its pruner gives the pruner under the key 'pruner')")
+            problems.append((where, unknown("pruner", pruner, list_pruners()) + note))
+            continue
+        pruners[method] = pruner
+        problems += [(f"methods.{method}.{k}", m) for k, m in check_options(
+            pruner, {k: v for k, v in options.items() if k != "pruner"})]
+
+    def overrides(where: str, method: str, options: dict[str, Any]) -> None:
+        if "pruner" in options:
+            problems.append((f"{where}.pruner", f"a method's pruner is set under methods.{method} only"))
+        if method in pruners:
+            problems.extend((f"{where}.{k}", m) for k, m in check_options(
+                pruners[method], {k: v for k, v in options.items() if k != "pruner"}))
+
+    partials = [("base", art.base)] + [(f"settings.{s}.config", st.config) for s, st in art.settings.items()]
+    for tier, budget in art.budgets.items():
+        partials += [(f"budgets.{tier}.all", budget.all)]
+        partials += [(f"budgets.{tier}.settings.{s}", over) for s, over in budget.settings.items()]
+    for where, partial in partials:
+        problems += [(f"{where}.{k}", m) for k, m in config_problems(partial, partial=True)]
+    for where, partial in partials[:1 + len(art.settings)]:  # the grid sets these for every run
+        for key in ("seed", "prune.method", "prune.sparsity"):
+            head, _, leaf = key.rpartition(".")
+            if leaf in (partial.get(head, {}) if head else partial):
+                problems.append((f"{where}.{key}", "set by the grid (a setting's methods, sparsities and seeds); "
+                                                   "remove it here"))
+    for name, setting in art.settings.items():
+        for i, method in enumerate(setting.methods):
+            if method not in art.methods:
+                problems.append((f"settings.{name}.methods.{i}", unknown("method", method, art.methods)
+                                 + " (methods are defined under 'methods')"))
+        for method, options in setting.method_options.items():
+            if method not in setting.methods:
+                problems.append((f"settings.{name}.method_options.{method}",
+                                 f"method {method!r} is not run in setting {name!r};{suggest(method, setting.methods)}"
+                                 f" it runs: {', '.join(setting.methods)}"))
+            else:
+                overrides(f"settings.{name}.method_options.{method}", method, options)
+    for tier, budget in art.budgets.items():
+        for name in budget.settings:
+            if name not in art.settings:
+                problems.append((f"budgets.{tier}.settings.{name}", unknown("setting", name, art.settings)))
+        for method, options in budget.methods.items():
+            if method not in art.methods:
+                problems.append((f"budgets.{tier}.methods.{method}", unknown("method", method, art.methods)))
+            else:
+                overrides(f"budgets.{tier}.methods.{method}", method, options)
+        for key, keep in (("seeds", budget.seeds), ("sparsities", budget.sparsities)):
+            empty = [name for name, setting in art.settings.items() if not _keep(getattr(setting, key), keep)]
+            if empty:
+                problems.append((f"budgets.{tier}.{key}", f"budget {tier!r} keeps no seed or no sparsity of setting "
+                                 f"{', '.join(map(repr, empty))} (this tier keeps {key} {keep}; the setting has "
+                                 f"{getattr(art.settings[empty[0]], key)})"))
+    return problems
 
 
 def expand(art: Artefact, budget: str) -> list[PlannedRun]:
     """Every run of ``art`` under ``budget``, validated, in a stable order (setting, method, sparsity, seed)."""
     if budget not in BUDGETS:
-        raise ValueError(f"unknown budget {budget!r}; allowed: {', '.join(BUDGETS)}")
+        raise ConfigError(f"unknown budget {budget!r};{suggest(budget, BUDGETS)} allowed: {', '.join(BUDGETS)}")
+    if budget not in art._runs:  # an Artefact built without load_artefact
+        art._runs[budget] = _expand(art, budget)
+    return list(art._runs[budget])
+
+
+def _expand(art: Artefact, budget: str) -> list[PlannedRun]:
     tier = art.budgets[budget]
+    source = art._source or art.artefact
     runs = []
     for sname, setting in art.settings.items():
+        shared = deep_merge(art.base, setting.config)
         for method in setting.methods:
             options = deep_merge(art.methods[method], setting.method_options.get(method, {}))
             options = deep_merge(options, tier.methods.get(method, {}))
             for sparsity in _keep(setting.sparsities, tier.sparsities):
                 for seed in _keep(setting.seeds, tier.seeds):
-                    raw = deep_merge(art.base, setting.config)
                     opts = dict(options)
                     pruner = opts.pop("pruner", method)
-                    raw = deep_merge(raw, {"seed": seed, "prune": {"method": pruner, "sparsity": sparsity,
+                    raw = deep_merge(shared, {"seed": seed, "prune": {"method": pruner, "sparsity": sparsity,
                                                                     "options": opts}})
                     raw = deep_merge(raw, tier.all)
                     raw = deep_merge(raw, tier.settings.get(sname, {}))
-                    where = f"{art.artefact} [{budget}] {sname}/{method}/s={sparsity}/seed={seed}"
-                    runs.append(PlannedRun(art.artefact, sname, method, budget, validate_config(raw, where)))
+                    where = (f"{source}: the run of budgets.{budget}, settings.{sname}, methods.{method}, "
+                             f"sparsity {sparsity}, seed {seed}")
+                    runs.append(PlannedRun(art.artefact, sname, method, budget,
+                                           validate_config(raw, where, runnable=True)))
     return runs

@@ -1,6 +1,7 @@
 """Bad inputs fail early with one line that names them: prune() arguments, masks files, run configurations
 and params files (every tier, every name, every pruner option)."""
 
+import copy
 import json
 import re
 from pathlib import Path
@@ -15,6 +16,7 @@ from dpai_lib import build_model, prune
 from dpai_lib.config import ConfigError
 from dpai_lib.errors import UserError
 from dpai_lib.masks import FORMAT, MaskError, Masks
+from dpai_lib.params import expand, load_artefact
 from dpai_lib.pruners import check_options
 
 PARAMS = Path(__file__).resolve().parents[1] / "params"
@@ -131,3 +133,117 @@ def test_a_garbage_or_damaged_masks_file_is_named(tmp_path):
             Masks.load(path)
     with pytest.raises(FileNotFoundError, match=r"^no masks file at .*missing\.safetensors$"):
         Masks.load(tmp_path / "missing.safetensors")
+
+
+# -- params files: every problem named where it is written, before anything runs -------------------
+
+FIG1 = yaml.safe_load((PARAMS / "fig1_main.yaml").read_text())
+R20 = ("settings", "resnet20_cifar10")
+
+
+def _set(raw, keys, value):
+    *head, last = keys
+    for k in head:
+        raw = raw[k]
+    if value is _DELETE:
+        del raw[last]
+    else:
+        raw[last] = value
+
+
+_DELETE = object()
+BAD_PARAMS = [
+    ((*R20, "method_options", "npb", "alpah"), 1.0,
+     "settings.resnet20_cifar10.method_options.npb.alpah: unknown option of pruner 'npb'; did you mean 'alpha'? "
+     "its options: variant, alpha, beta, max_p,"),
+    (("methods", "dpai", "steps"), "abc", "methods.dpai.steps: option 'steps' of pruner 'dpai' must be an integer; got 'abc'"),
+    (("budgets", "paper", "methods"), {"synflow": {"iterations": 1.5}},  # a tier nobody runs in the tests
+     "budgets.paper.methods.synflow.iterations: option 'iterations' of pruner 'synflow' must be an integer; got 1.5"),
+    (("methods", "dpai", "alpha"), 1, None),  # an int is a valid float
+    ((*R20, "config", "model", "name"), "resnet2",
+     "settings.resnet20_cifar10.config.model.name: unknown model 'resnet2'; did you mean 'resnet20'? known models: "),
+    ((*R20, "config", "model", "name"), "tv:resnet05",
+     "settings.resnet20_cifar10.config.model.name: unknown torchvision model 'tv:resnet05'; did you mean 'tv:resnet50'?"),
+    ((*R20, "config", "model", "options"), {"image_sise": 32},
+     "settings.resnet20_cifar10.config.model.options.image_sise: unknown option of model 'resnet20'; its options: none"),
+    ((*R20, "config", "data", "name"), "cifar",
+     "settings.resnet20_cifar10.config.data.name: unknown data set 'cifar'; did you mean 'cifar10'? known data sets: "
+     "cifar10, cifar100, fashion_mnist, imagenet, synthetic, tiny_imagenet"),
+    (("budgets", "smoke", "all", "data", "options", "train_sise"), 3,
+     "budgets.smoke.all.data.options.train_sise: unknown option of data set 'synthetic'; did you mean 'train_size'?"),
+    (("budgets", "smoke", "all", "data", "options", "train_size"), "big",
+     "budgets.smoke.all.data.options.train_size: option 'train_size' of data set 'synthetic' must be an integer; got 'big'"),
+    (("methods", "dpia"), {}, "methods.dpia: unknown pruner 'dpia'; did you mean 'dpai'? known pruners: dpai, grasp,"),
+    (("methods", "variant"), {"pruner": "dpa"}, "methods.variant.pruner: unknown pruner 'dpa'; did you mean 'dpai'?"),
+    ((*R20, "methods", 6), "dpia", "settings.resnet20_cifar10.methods.6: unknown method 'dpia'; did you mean 'dpai'? "
+                                   "known methods: random, snip, iter_snip, synflow, phew, npb, dpai"),
+    ((*R20, "method_options", "npbb"), {}, "settings.resnet20_cifar10.method_options.npbb: method 'npbb' is not run in "
+                                           "setting 'resnet20_cifar10'; did you mean 'npb'? it runs: random, snip,"),
+    (("budgets", "smoke", "methods", "dpia"), {}, "budgets.smoke.methods.dpia: unknown method 'dpia'; did you mean 'dpai'?"),
+    (("budgets", "short", "settings", "resnet20_cifar1"), {},
+     "budgets.short.settings.resnet20_cifar1: unknown setting 'resnet20_cifar1'; did you mean 'resnet20_cifar10'?"),
+    ((*R20, "sparsities"), [0.9, 99], "settings.resnet20_cifar10.sparsities.1: Input should be less than 1 (got 99)"),
+    ((*R20, "seeds"), [], "settings.resnet20_cifar10.seeds: List should have at least 1 item after validation, not 0"),
+    (("base", "train", "lr_drop"), [3], "base.train.lr_drop: unknown key; did you mean 'lr_drops'? allowed keys here: amp,"),
+    (("base", "seed"), 3, "base.seed: set by the grid (a setting's methods, sparsities and seeds); remove it here"),
+    (("budgets", "smoke", "seeds"), [7], "budgets.smoke.seeds: budget 'smoke' keeps no seed or no sparsity of setting "
+                                         "'resnet20_cifar10', 'vgg19_cifar100', 'resnet18_tinyimagenet' (this tier keeps seeds [7]"),
+    (("budgets", "short"), _DELETE, "budgets: every tier (smoke, short, paper) must be defined, even as {}; missing short"),
+    ((*R20, "config", "prune", "data_batches"), _DELETE,  # snip needs pruning data: caught on the merged runs
+     "the run of budgets.short, settings.resnet20_cifar10, methods.snip, sparsity 0.6837722339831621, seed 0: "
+     "prune.data_batches: pruner 'snip' scores weights with data: set both prune.data_batches and prune.data_batch_size"),
+    (("budgets", "paper", "all"), {"train": {"optimizer": "adamw"}},
+     "the run of budgets.paper, settings.resnet20_cifar10, methods.random, sparsity 0.6837722339831621, seed 0: train: "
+     "momentum and nesterov are SGD's: with optimizer adamw they must be 0 and false; got momentum=0.9, nesterov=False"),
+]
+
+
+@pytest.mark.parametrize("keys,value,expected", BAD_PARAMS, ids=lambda v: ".".join(map(str, v)) if isinstance(v, tuple) else None)
+def test_a_bad_params_file_is_refused_at_load_naming_the_file_and_the_key(tmp_path, keys, value, expected):
+    raw = copy.deepcopy(FIG1)
+    _set(raw, keys, value)
+    path = tmp_path / "params" / "fig1_main.yaml"
+    path.parent.mkdir()
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    if expected is None:
+        assert len(expand(load_artefact(path), "paper")) == 252
+        return
+    with pytest.raises(ConfigError) as err:
+        load_artefact(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: {expected}"), message
+    assert "\n" not in message
+
+
+def test_unreadable_params_files_are_one_line_errors(tmp_path):
+    path = tmp_path / "fig1_main.yaml"
+    with pytest.raises(ConfigError, match=rf"^no params file at {re.escape(str(path))}$"):
+        load_artefact(path)
+    path.write_text("artefact: fig1_main\nsettings: [a\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: line 3, column 1: YAML syntax error: expected ',' or ']'"):
+        load_artefact(path)
+    path.write_text("")
+    with pytest.raises(ConfigError, match=r": expected a mapping of keys to values .* got an empty file$"):
+        load_artefact(path)
+    with pytest.raises(ConfigError, match=r": is a folder, not a params file$"):
+        load_artefact(tmp_path)
+    with pytest.raises(ConfigError, match=r"^unknown budget 'papr'; did you mean 'paper'\? allowed: smoke, short, paper$"):
+        expand(load_artefact(PARAMS / "fig1_main.yaml"), "papr")
+
+
+def test_a_run_configuration_names_unknown_names_and_missing_pruning_data(tmp_path):
+    from conftest import run_dict
+    from dpai_lib.config import load_config, validate_config
+
+    raw = run_dict(prune={"method": "snip", "sparsity": 0.9, "options": {"budgett": "erk"}}, model={"name": "vgg19"})
+    with pytest.raises(ConfigError) as err:
+        validate_config(raw, "c.yaml")
+    assert str(err.value) == (
+        "c.yaml: model.name: unknown model 'vgg19'; did you mean 'vgg19_bn'? known models: efficientnet_b0, resnet18, "
+        "resnet20, vgg19_bn, vit_b_16, vit_tiny (or 'tv:<torchvision name>'); prune.options.budgett: unknown option of "
+        "pruner 'snip'; did you mean 'budget'? its options: num_batches, train_mode, scope, budget, ties")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(run_dict(prune={"method": "snip", "sparsity": 0.9})))
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: prune.data_batches: pruner 'snip' scores weights "
+                                          r"with data: set both prune.data_batches and prune.data_batch_size"):
+        load_config(path)

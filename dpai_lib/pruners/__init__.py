@@ -41,14 +41,20 @@ def register_pruner(name: str, *, needs_data: bool, version: int = 1) -> Callabl
     return decorator
 
 
+_LOADED: list[bool] = []
+
+
 def _load_builtin() -> None:
-    # Every public module of this package defines (and so registers) one pruner.
+    # Every public module of this package defines (and so registers) one pruner; imported once.
     import importlib
     import pkgutil
 
+    if _LOADED:
+        return
     for info in pkgutil.iter_modules(__path__):
         if not info.name.startswith("_"):
             importlib.import_module(f"{__name__}.{info.name}")
+    _LOADED.append(True)
 
 
 def list_pruners() -> list[str]:
