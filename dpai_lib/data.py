@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from dpai_lib.registry import Registry
+from dpai_lib.store import atomic_write
 
 DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian package dataset-fashion-mnist
 FASHION_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -393,11 +394,6 @@ def prepare_fashion_mnist(data_dir: str | os.PathLike | None, source: Path = DEB
         target = raw / name
         if target.is_file():
             continue
-        tmp = raw / f".{name}.{os.getpid()}.tmp"
-        try:
-            with gzip.open(source / f"{name}.gz", "rb") as src, open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-            os.replace(tmp, target)  # readers never see a half-written file
-        finally:
-            tmp.unlink(missing_ok=True)
+        with gzip.open(source / f"{name}.gz", "rb") as src, atomic_write(target, "wb") as dst:
+            shutil.copyfileobj(src, dst)  # readers never see a half-written file
     return raw

@@ -4,12 +4,16 @@
   ``runs/smoke/<run_id>.json``, never committed), and the run id is the hash of the run's configuration.
   Artefacts that contain the same configuration (fig5's DPaI runs are fig1's) share one record; which
   artefacts a record belongs to is decided by expanding the params files, never by where the record lies.
-* A run is done when its record says so: re-running a sweep skips it, so an interrupted sweep resumes
-  where it stopped (an interrupted run resumes from its last epoch checkpoint in ``runs/work/<run_id>/``).
-* A run is claimed with an exclusive lock file (``<run_id>.lock`` in the work folder's ``locks``,
-  created atomically; a lock whose process is gone is taken over), so two runners on one store never
-  run it twice, and records are written atomically, so none is lost or half-written.
-* A failed run is recorded with its error, and the sweep goes on.
+* A run is done when its record says so (``done`` or ``diverged``): re-running a sweep skips it, so an
+  interrupted sweep resumes where it stopped (an interrupted run resumes from its last epoch checkpoint in
+  ``runs/work/<run_id>/``, with the masks saved there). Failed, interrupted and unreadable records are
+  redone; an unreadable one is first moved aside (``<run_id>.json.corrupt-<time>``) with a warning.
+* A run is claimed with a lock file (``runs/work/locks/<run_id>.lock``, :class:`dpai_lib.store.RunLock`)
+  holding host, pid and a heartbeat, so two runners on one store never run it at once; a lock whose
+  process is gone, whose heartbeat stopped, or which is empty and old is taken over atomically.
+  Records are written atomically, so none is lost or half-written.
+* A failed run is recorded with its error, and the sweep goes on. Ctrl-C interrupts the running kernels,
+  records their runs as ``interrupted``, releases their locks and stops the sweep.
 * Executors: ``local`` (``jobs`` runs at a time, spread over the local GPUs or CPU threads) and
   ``slurm`` through submitit (one array task per run); ``submitit-local`` runs the same submitit path
   as local processes, for testing.
@@ -18,23 +22,28 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import signal
 import socket
+import threading
 import time
 import traceback
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dpai_lib.params import PlannedRun, expand, load_artefact
-from dpai_lib.runs import SCHEMA, load_record, run_id, write_json_atomic
+from dpai_lib.runs import run_id
+from dpai_lib.store import FINISHED, SCHEMA, CorruptRecordError, RunLock, quarantine, read_record, write_record
+
+log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
 EXECUTORS = ("local", "slurm", "submitit-local")
 FILTER_KEYS = ("setting", "method", "sparsity", "seed", "model", "dataset")
-FINISHED = ("done", "diverged")
 
 
 @dataclass(frozen=True)
@@ -118,90 +127,118 @@ def record_path(run: PlannedRun, paths: Paths) -> Path:
     return paths.records_dir(run.budget) / f"{run_id(run.config)}.json"
 
 
+def lock_path(run: PlannedRun, paths: Paths) -> Path:
+    return paths.work / "locks" / f"{run_id(run.config)}.lock"
+
+
 def is_done(run: PlannedRun, paths: Paths) -> bool:
-    p = record_path(run, paths)
-    return p.exists() and load_record(p)["status"] in FINISHED
-
-
-class RunLock:
-    """An exclusive claim on one run, by atomic file creation; stale locks of dead processes are taken."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.held = False
-
-    def acquire(self) -> bool:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                if not self._stale():
-                    return False
-                self.path.unlink(missing_ok=True)
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}, f)
-            self.held = True
-            return True
+    """Whether the run has a finished record; an unreadable record is not one (a warning names it)."""
+    try:
+        return read_record(record_path(run, paths), run_id(run.config))["status"] in FINISHED
+    except FileNotFoundError:
+        return False
+    except CorruptRecordError as exc:
+        log.warning("%s; the run will be redone", exc)
         return False
 
-    def _stale(self) -> bool:
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+# kernels of the runs executing in this process (their process groups), so that Ctrl-C can interrupt them
+_KERNELS: set[int] = set()
+
+
+def _tracking_kernel_manager(pids: list[int]) -> type:
+    """A jupyter kernel manager class that records the pid of each kernel it starts in ``pids`` and
+    :data:`_KERNELS` (papermill passes it on to nbclient)."""
+    from jupyter_client import AsyncKernelManager
+
+    class TrackingKernelManager(AsyncKernelManager):
+        async def start_kernel(self, **kw: Any) -> None:
+            await super().start_kernel(**kw)
+            pid = getattr(self.provisioner, "pid", None)
+            if pid:
+                pids.append(pid)
+                _KERNELS.add(pid)
+
+    return TrackingKernelManager
+
+
+def _signal_kernels(sig: int, pids: Iterable[int]) -> None:
+    for pid in pids:
         try:
-            owner = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return False  # being written right now
-        if owner.get("host") != socket.gethostname():
-            return False  # cannot tell for another machine
-        try:
-            os.kill(int(owner["pid"]), 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        return False
-
-    def release(self) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
+            os.killpg(pid, sig)  # a kernel leads its own session: this reaches its children too
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
-def execute_run(run: PlannedRun, paths: Paths, device: str = "auto", threads: int = 0) -> str:
-    """Claim and execute one run through its papermill template; returns its final status
-    (``skipped`` if done already, ``busy`` if another runner holds it)."""
-    import jupytext
-    import papermill
+def execute_run(run: PlannedRun, paths: Paths, device: str = "auto", threads: int = 0,
+                lock_timeout_s: float | None = None) -> str:
+    """Claim and execute one run through its papermill template; returns its final status (``skipped`` if
+    done already, ``busy`` if another runner holds its lock, :func:`lock_path`).
 
+    An unreadable record is moved aside (:func:`dpai_lib.store.quarantine`) and the run redone. A run whose
+    notebook could not record its end itself is recorded here: ``failed`` for an error before or around the
+    notebook, ``interrupted`` when its kernel died or on Ctrl-C (``KeyboardInterrupt`` is re-raised once the
+    record is written and the lock released). Interrupted and failed runs are redone by the next sweep."""
     rid = run_id(run.config)
     if is_done(run, paths):
         return "skipped"
-    lock = RunLock(paths.work / "locks" / f"{rid}.lock")
+    lock = RunLock(lock_path(run, paths), timeout_s=lock_timeout_s)
     if not lock.acquire():
         return "busy"
+    pids: list[int] = []
     try:
-        if is_done(run, paths):  # finished by another runner between our check and our claim
-            return "skipped"
-        log = paths.logs / run.artefact / f"{rid}.ipynb"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        labels = {"artefact": run.artefact, "setting": run.setting, "method": run.method, "budget": run.budget}
+        record_file = record_path(run, paths)
         try:
+            if read_record(record_file, rid)["status"] in FINISHED:  # finished by another runner meanwhile
+                return "skipped"
+        except FileNotFoundError:
+            pass
+        except CorruptRecordError as exc:
+            quarantine(record_file, exc)
+        before = _file_id(record_file)
+        labels = {"artefact": run.artefact, "setting": run.setting, "method": run.method, "budget": run.budget}
+
+        def record_unless_written(status: str, exc: BaseException) -> None:
+            """The notebook writes its own record when it can; this covers a notebook that never did."""
+            if _file_id(record_file) == before:
+                write_record(record_file, {
+                    "schema": SCHEMA, "run_id": rid, "labels": labels, "status": status,
+                    "error": f"{type(exc).__name__}: {str(exc)[-2000:]}", "traceback": traceback.format_exc(),
+                    "config": run.config.canonical(), "seed": run.config.seed, "results": {}, "curves": [],
+                    "timings": {}, "provenance": {"hostname": socket.gethostname()}})
+
+        try:
+            import jupytext
+            import papermill
+
+            log_file = paths.logs / run.artefact / f"{rid}.ipynb"
+            log_file.parent.mkdir(parents=True, exist_ok=True)
             notebook = jupytext.read(paths.template(load_artefact(paths.params / f"{run.artefact}.yaml").notebook))
             papermill.execute_notebook(
-                notebook, str(log), kernel_name="python3", cwd=str(ROOT), progress_bar=False,
+                notebook, str(log_file), kernel_name="python3", cwd=str(ROOT), progress_bar=False,
+                kernel_manager_class=_tracking_kernel_manager(pids),
                 parameters={"config_json": json.dumps(run.config.canonical()),
                             "records_dir": str(paths.records_dir(run.budget)), "work_dir": str(paths.work),
                             "labels_json": json.dumps(labels), "device": device, "threads": threads})
-        except Exception as exc:  # the notebook records its own failures; this covers everything before
-            record_file = record_path(run, paths)
-            if not record_file.exists() or load_record(record_file)["status"] in ("running",):
-                write_json_atomic(record_file, {
-                    "schema": SCHEMA, "run_id": rid, "labels": labels, "status": "failed",
-                    "error": f"{type(exc).__name__}: {str(exc)[-2000:]}", "traceback": traceback.format_exc(),
-                    "config": run.config.canonical(), "seed": run.config.seed, "results": {}, "curves": [],
-                    "timings": {}, "provenance": {}})
-        return load_record(record_path(run, paths))["status"]
+        except KeyboardInterrupt as exc:
+            _signal_kernels(signal.SIGKILL, pids)  # its kernel stops with it
+            record_unless_written("interrupted", exc)
+            raise
+        except Exception as exc:
+            from nbclient.exceptions import DeadKernelError
+
+            record_unless_written("interrupted" if isinstance(exc, DeadKernelError) else "failed", exc)
+        return read_record(record_file, rid)["status"]
     finally:
+        _KERNELS.difference_update(pids)
         lock.release()
 
 
@@ -217,13 +254,26 @@ def _local_slots(jobs: int, device: str, threads: int = 0) -> list[tuple[str, in
     return [(dev, threads or max(1, (os.cpu_count() or 1) // jobs)) for _ in range(jobs)]
 
 
+class SweepCounts(dict):
+    """Counts of a sweep's runs by final status (a plain, JSON-ready dict), with the lock files of the runs
+    that another runner held in ``busy_locks``."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.busy_locks: list[str] = []
+
+
 def run_sweep(runs: list[PlannedRun], *, paths: Paths | None = None, executor: str = "local", jobs: int = 1,
               device: str = "auto", threads: int = 0, slurm: dict[str, Any] | None = None,
-              progress: bool = True) -> dict[str, int]:
-    """Execute ``runs`` (skipping finished ones); returns counts by final status.
+              progress: bool = True, lock_timeout_s: float | None = None) -> SweepCounts:
+    """Execute ``runs`` (skipping finished ones); returns counts by final status, with the lock files of
+    busy runs in ``.busy_locks`` (each also named in a warning, with its holder).
 
     ``threads`` fixes the torch threads of each local CPU run (0: ``cpu_count // jobs``); set it to 1 when
-    several runners share one machine, so that they do not oversubscribe its cores."""
+    several runners share one machine, so that they do not oversubscribe its cores. ``lock_timeout_s``:
+    seconds without a heartbeat after which another runner's lock is stale (default
+    ``$DPAI_LOCK_TIMEOUT_S`` or 600). Ctrl-C interrupts the running kernels (their records say
+    ``interrupted``), starts nothing more, releases the locks and re-raises ``KeyboardInterrupt``."""
     from tqdm import tqdm
 
     paths = paths or Paths.at()
@@ -234,22 +284,19 @@ def run_sweep(runs: list[PlannedRun], *, paths: Paths | None = None, executor: s
     if threads < 0:
         raise ValueError(f"threads must be >= 0 (0 = cores // jobs); got {threads}")
     todo = [r for r in runs if not is_done(r, paths)]
-    counts = {"skipped": len(runs) - len(todo)}
+    counts = SweepCounts(skipped=len(runs) - len(todo))
+
+    def count(run: PlannedRun, status: str) -> None:
+        counts[status] = counts.get(status, 0) + 1
+        if status == "busy":
+            lock = lock_path(run, paths)
+            counts.busy_locks.append(str(lock))
+            owner = RunLock(lock).owner() or {}
+            log.warning("run %s is busy: another runner holds %s (host %s, pid %s)", run_id(run.config), lock,
+                        owner.get("host", "?"), owner.get("pid", "?"))
+
     if executor == "local":
-        slots = _local_slots(jobs, device, threads)
-        free = list(range(jobs))
-
-        def work(run: PlannedRun) -> str:
-            slot = free.pop()
-            try:
-                dev, threads = slots[slot]
-                return execute_run(run, paths, dev, threads)
-            finally:
-                free.append(slot)
-
-        with ThreadPoolExecutor(max_workers=jobs) as pool:
-            for status in tqdm(pool.map(work, todo), total=len(todo), desc="runs", disable=not progress):
-                counts[status] = counts.get(status, 0) + 1
+        _sweep_local(todo, paths, jobs, device, threads, lock_timeout_s, count, progress)
         return counts
     import submitit
 
@@ -259,8 +306,53 @@ def run_sweep(runs: list[PlannedRun], *, paths: Paths | None = None, executor: s
     else:
         ex = submitit.LocalExecutor(folder=str(folder))
     ex.update_parameters(**(slurm or {}))
-    jobs_ = ex.map_array(execute_run, todo, [paths] * len(todo), [device] * len(todo), [0] * len(todo))
-    for job in tqdm(jobs_, desc="jobs", disable=not progress):
-        status = job.result()
-        counts[status] = counts.get(status, 0) + 1
+    n = len(todo)
+    jobs_ = ex.map_array(execute_run, todo, [paths] * n, [device] * n, [0] * n, [lock_timeout_s] * n)
+    for run, job in tqdm(zip(todo, jobs_), total=n, desc="jobs", disable=not progress):
+        count(run, job.result())
     return counts
+
+
+def _sweep_local(todo: list[PlannedRun], paths: Paths, jobs: int, device: str, threads: int,
+                 lock_timeout_s: float | None, count: Any, progress: bool, grace_s: float = 5.0) -> None:
+    """``jobs`` runs at a time in worker threads; the main thread only waits, so that Ctrl-C reaches it:
+    then no further run starts, running kernels get SIGINT (SIGKILL after ``grace_s``), and once their
+    runs are recorded and unlocked, ``KeyboardInterrupt`` propagates."""
+    from tqdm import tqdm
+
+    slots = _local_slots(jobs, device, threads)
+    free = list(range(jobs))
+    stop = threading.Event()
+
+    def work(run: PlannedRun) -> str:
+        if stop.is_set():
+            return "cancelled"
+        slot = free.pop()
+        try:
+            dev, n_threads = slots[slot]
+            return execute_run(run, paths, dev, n_threads, lock_timeout_s)
+        finally:
+            free.append(slot)
+
+    pool = ThreadPoolExecutor(max_workers=jobs)
+    futures = {pool.submit(work, run): run for run in todo}
+    try:
+        for fut in tqdm(as_completed(futures), total=len(futures), desc="runs", disable=not progress):
+            count(futures[fut], fut.result())
+    except KeyboardInterrupt:
+        stop.set()
+        for fut in futures:
+            fut.cancel()
+        signalled: set[int] = set()
+        deadline = time.monotonic() + grace_s
+        while not all(f.done() for f in futures) and time.monotonic() < deadline:
+            now = set(_KERNELS)
+            _signal_kernels(signal.SIGINT, now - signalled)  # kernels that start late get theirs too
+            signalled |= now
+            time.sleep(0.1)
+        while not all(f.done() for f in futures):
+            _signal_kernels(signal.SIGKILL, set(_KERNELS))
+            time.sleep(0.1)
+        raise
+    finally:
+        pool.shutdown(wait=True)

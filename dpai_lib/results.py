@@ -12,7 +12,7 @@ e.g. DPaI's per-step trace), :func:`load_paper` (the paper's numbers, transcribe
 
 from __future__ import annotations
 
-import os
+import logging
 import statistics
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,10 +20,14 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from dpai_lib.params import BUDGETS, PlannedRun, load_artefact
-from dpai_lib.runs import load_record, run_id
+from dpai_lib.runs import run_id
+from dpai_lib.store import CorruptRecordError, atomic_write, read_record
 
 if TYPE_CHECKING:
     from dpai_lib.pipeline import Paths
+
+log = logging.getLogger(__name__)
+CORRUPT = {"status": "corrupt"}  # what read() gives for an unreadable record
 
 COLUMNS = [
     "artefact", "setting", "method", "pruner", "budget", "stage", "dataset", "model", "sparsity", "seed", "run_id",
@@ -56,6 +60,18 @@ def record_row(artefact: str, rec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def read(path: Path, rid: str) -> dict[str, Any] | None:
+    """The record at ``path`` for run ``rid``; None if there is none; :data:`CORRUPT` (and a warning naming
+    the file and what is wrong) if it cannot be read: readers skip it, ``run`` redoes the run."""
+    try:
+        return read_record(path, rid)
+    except FileNotFoundError:
+        return None
+    except CorruptRecordError as exc:
+        log.warning("skipping %s; `python -m dpai_lib run` redoes the run", exc)
+        return CORRUPT
+
+
 def _paths(paths: Paths | None) -> Paths:
     from dpai_lib.pipeline import Paths
 
@@ -86,17 +102,18 @@ def artefact_records(artefact: str, budget: str | None = None, stage: str | None
                      paths: Paths | None = None) -> list[dict[str, Any]]:
     """The run records of an artefact's planned runs that exist in the store, with ``labels`` set to this
     artefact's (setting, method, budget) - a record shared with another artefact keeps its own labels on
-    disk. ``budget`` (smoke|short|paper) and ``stage`` (prune|all) filter."""
+    disk. ``budget`` (smoke|short|paper) and ``stage`` (prune|all) filter. An unreadable record is skipped
+    with a warning naming it."""
     paths = _paths(paths)
     out = []
     for r in artefact_runs(artefact, paths=paths):
-        path = paths.records_dir(r.budget) / f"{run_id(r.config)}.json"
-        if not path.exists():
-            continue
         run_stage = "prune" if r.config.train is None else "all"
         if (budget is not None and r.budget != budget) or (stage is not None and run_stage != stage):
             continue
-        rec = load_record(path)
+        rid = run_id(r.config)
+        rec = read(paths.records_dir(r.budget) / f"{rid}.json", rid)
+        if rec is None or rec is CORRUPT:
+            continue
         rec["labels"] = {"artefact": artefact, "setting": r.setting, "method": r.method, "budget": r.budget}
         out.append(rec)
     return out
@@ -120,10 +137,8 @@ def collect(artefact: str, *, paths: Paths | None = None) -> list[Path]:
             path.unlink(missing_ok=True)
             continue
         df = pd.DataFrame(rows, columns=COLUMNS).sort_values(["setting", "method", "sparsity", "seed", "stage", "budget"])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        df.to_csv(tmp, index=False)
-        os.replace(tmp, path)
+        with atomic_write(path) as f:
+            df.to_csv(f, index=False)
         out.append(path)
     return out
 
@@ -159,8 +174,10 @@ def load_paper(artefact: str, *, paths: Paths | None = None) -> pd.DataFrame:
 
 
 def status(stage: str = "all", *, paths: Paths | None = None) -> pd.DataFrame:
-    """Expected / done / failed / missing runs per artefact, budget, setting and method, with the measured
-    median cost (total seconds) of the finished runs and the estimated hours of the unfinished ones."""
+    """Expected / done / diverged / failed / corrupt / missing runs per artefact, budget, setting and method,
+    with the measured median cost (total seconds) of the finished runs and the estimated hours of the
+    unfinished ones. ``corrupt`` counts unreadable records (each named in a warning; ``run`` redoes them);
+    ``missing`` counts runs without a record, or with one of an interrupted run."""
     from dpai_lib.pipeline import plan
 
     paths = _paths(paths)
@@ -169,17 +186,18 @@ def status(stage: str = "all", *, paths: Paths | None = None) -> pd.DataFrame:
         for budget in BUDGETS:
             groups: dict[tuple[str, str], list] = {}
             for r in plan(paths.params / f"{name}.yaml", budget, stage=stage):
-                path = paths.records_dir(budget) / f"{run_id(r.config)}.json"
-                groups.setdefault((r.setting, r.method), []).append(load_record(path) if path.exists() else {})
+                rid = run_id(r.config)
+                groups.setdefault((r.setting, r.method), []).append(read(paths.records_dir(budget) / f"{rid}.json", rid) or {})
             for (setting, method), recs in groups.items():
                 states = [r.get("status", "missing") for r in recs]
-                costs = [r["timings"]["total_s"] for r in recs if r.get("status") == "done"]
+                costs = [r["timings"]["total_s"] for r in recs if r.get("status") == "done" and "total_s" in r["timings"]]
                 median = statistics.median(costs) if costs else None
                 todo = len(recs) - states.count("done") - states.count("diverged")
                 rows.append({"artefact": name, "budget": budget, "stage": stage, "setting": setting,
                              "method": method, "expected": len(recs), "done": states.count("done"),
                              "diverged": states.count("diverged"), "failed": states.count("failed"),
-                             "missing": todo - states.count("failed"),
+                             "corrupt": states.count("corrupt"),
+                             "missing": todo - states.count("failed") - states.count("corrupt"),
                              "median_run_s": None if median is None else round(median, 1),
                              "todo_cost_h": None if median is None else round(todo * median / 3600, 2)})
     return pd.DataFrame(rows)
@@ -210,5 +228,6 @@ def scoreboard(*, paths: Paths | None = None) -> pd.DataFrame:
                 expected, finished = int(part.expected.sum()), int(part.done.sum() + part.diverged.sum())
                 state = "complete" if finished == expected else "partial" if finished else "not run"
                 rows.append({"artefact": name, "budget": budget, "stage": stage, "expected": expected,
-                             "finished": finished, "failed": int(part.failed.sum()), "state": state})
+                             "finished": finished, "failed": int(part.failed.sum()),
+                             "corrupt": int(part.corrupt.sum()), "state": state})
     return pd.DataFrame(rows)

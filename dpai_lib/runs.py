@@ -1,9 +1,10 @@
 """Run records: one JSON file per run, named by the hash of its configuration.
 
 A record holds the configuration, seed, results, per-epoch curves, timings and provenance (package,
-Python, torch, CUDA versions, device name, threads, git commit and dirty flag). ``run_id`` is a hash of
-the canonical configuration, so re-running a finished configuration is a no-op. Files are written
-atomically (a temporary file renamed into place), so a reader never sees half a record.
+Python, torch, CUDA versions, device name, threads, git commit and dirty flag); its schema, the one
+reader and the atomic writer are in :mod:`dpai_lib.store`. ``run_id`` is a hash of the canonical
+configuration, so re-running a finished configuration is a no-op. A run interrupted during training
+resumes from its last epoch checkpoint, and only with the masks that checkpoint was trained with.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from typing import Any
 import torch
 
 from dpai_lib.config import RunConfig
+from dpai_lib.store import FINISHED, SCHEMA, CorruptRecordError, quarantine, read_record, write_record
 
-SCHEMA = "dpai_lib.run/1"
+load_record = read_record  # the one reader of records (dpai_lib.store), under the name callers know
 
 
 def code_versions(config: RunConfig) -> dict[str, int]:
@@ -41,19 +43,6 @@ def run_id(config: RunConfig) -> str:
     versions = {f"{k}_version": v for k, v in code_versions(config).items() if v != 1}
     blob = json.dumps({**config.canonical(), **versions}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w") as f:
-        json.dump(obj, f, indent=1, sort_keys=False, allow_nan=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
 
 
 def _git(*args: str) -> str | None:
@@ -98,14 +87,6 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def load_record(path: str | os.PathLike) -> dict[str, Any]:
-    with Path(path).open() as f:
-        record = json.load(f)
-    if record.get("schema") != SCHEMA:
-        raise ValueError(f"{path}: not a dpai_lib run record (schema {record.get('schema')!r})")
-    return record
-
-
 def execute(
     config: RunConfig,
     records_dir: str | os.PathLike,
@@ -132,9 +113,13 @@ def execute(
     rid = run_id(config)
     path = Path(records_dir) / f"{rid}.json"
     if path.exists():
-        existing = load_record(path)
-        if existing["status"] in ("done", "diverged"):
-            return path, existing
+        try:
+            existing = read_record(path, rid)
+        except CorruptRecordError as exc:
+            quarantine(path, exc)  # unreadable: moved aside, and the run is redone
+        else:
+            if existing["status"] in FINISHED:
+                return path, existing
     work = Path(work_dir if work_dir is not None else Path(records_dir) / "work") / rid
     dev = resolve_device(device)
     record: dict[str, Any] = {"schema": SCHEMA, "run_id": rid, "labels": dict(labels or {}),
@@ -158,7 +143,10 @@ def execute(
         masks = prune(model, config.prune.method, config.prune.sparsity, seed=config.seed, data=prune_data,
                       input_shape=(info.channels, info.image_size, info.image_size), **config.prune.options)
         record["timings"]["prune_s"] = time.perf_counter() - t0
-        masks.save(work / "masks.safetensors", metadata={"run_id": rid})
+        if config.train is not None and (work / "checkpoint.pt").exists():
+            check_resume(masks, work / "masks.safetensors", work / "checkpoint.pt")  # keep the file it was made with
+        else:
+            masks.save(work / "masks.safetensors", metadata={"run_id": rid})
         record["results"]["masks"] = masks.summary()
         record["results"]["node_path"] = _node_path(model, masks, (info.channels, info.image_size, info.image_size))
         if "trace" in masks.meta:
@@ -168,7 +156,7 @@ def execute(
         if config.train is None:
             record["status"] = "done"
             record["timings"].update(finished=_now(), total_s=time.perf_counter() - t_start)
-            write_json_atomic(path, record)
+            write_record(path, record)
             return path, record
         result = train(model, masks, train_set, test_set, config.train, seed=config.seed, device=dev,
                        checkpoint_path=work / "checkpoint.pt", progress=progress, num_workers=num_workers)
@@ -185,11 +173,45 @@ def execute(
         record["error"] = f"{type(exc).__name__}: {exc}"
         record["traceback"] = traceback.format_exc()
         record["timings"].update(finished=_now(), total_s=time.perf_counter() - t_start)
-        write_json_atomic(path, record)
+        write_record(path, record)
         raise
     record["timings"].update(finished=_now(), total_s=time.perf_counter() - t_start)
-    write_json_atomic(path, record)
+    write_record(path, record)
     return path, record
+
+
+class ResumeError(ValueError):
+    """A checkpoint that cannot be resumed by this run: it was trained with other masks."""
+
+
+def check_resume(masks, masks_file: Path, checkpoint: Path) -> None:
+    """Refuse to resume ``checkpoint`` unless the masks it was trained with - the run's saved mask file,
+    ``masks_file`` - are exactly ``masks`` (this run's, just pruned), and its weights are zero wherever
+    they prune. Kept counts alone are not enough: two masks can keep as many weights and differ."""
+    from dpai_lib.masks import Masks
+
+    fix = f"delete {checkpoint.parent} to start the run over"
+    try:
+        saved = Masks.load(masks_file)
+    except Exception as exc:  # missing, truncated, not a masks file
+        raise ResumeError(f"cannot resume {checkpoint}: its mask file {masks_file} is missing or unreadable "
+                          f"({type(exc).__name__}: {exc}); {fix}") from None
+    differ = [n for n in masks if n not in saved or saved[n].shape != masks[n].shape or not torch.equal(saved[n], masks[n])]
+    differ += [n for n in saved if n not in masks]
+    if differ:
+        count = sum(int((saved[n] != masks[n]).sum()) for n in differ if n in saved and n in masks
+                    and saved[n].shape == masks[n].shape)
+        raise ResumeError(f"cannot resume {checkpoint}: it was trained with the masks in {masks_file}, which differ "
+                          f"from this run's masks in {len(differ)} layers ({', '.join(differ[:3])}"
+                          f"{', ...' if len(differ) > 3 else ''}; {count} weights); {fix}")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    weights = state.get("model", {}) if isinstance(state, dict) else {}
+    leaks = [n for n in saved if n not in weights or weights[n].shape != saved[n].shape
+             or bool(weights[n][~saved[n]].ne(0).any())]
+    if leaks:
+        raise ResumeError(f"cannot resume {checkpoint}: its weights are not zero where the masks in {masks_file} "
+                          f"prune them ({', '.join(leaks[:3])}{', ...' if len(leaks) > 3 else ''}): it was trained "
+                          f"with other masks; {fix}")
 
 
 def _needs_data(method: str) -> bool:

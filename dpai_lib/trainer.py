@@ -125,10 +125,10 @@ def evaluate(
 
 
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    from dpai_lib.store import atomic_write
+
+    with atomic_write(path, "wb") as f:
+        torch.save(state, f)
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig,
