@@ -10,13 +10,74 @@
 * ``status [--stage prune] [--budget B]`` - expected / done / failed / missing runs and their measured cost.
 * ``fill --budget smoke [--jobs N]`` - run the tier of every artefact whose data is missing (no finished run,
   data-free or trained, in the short or paper tier): what ``make book`` does before it renders.
+
+A wrong input (a missing or invalid file, an unknown name, a bad option value, an ``--only`` that matches
+nothing) is one line on stderr that names it and what is allowed, and exit status 2; ``--debug`` adds the
+traceback. Ctrl-C prints one line and exits with status 130 (interrupted runs resume when run again).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from dpai_lib.errors import UserError, one_line, suggest
+
+INTERRUPTED = 130  # the shell's status for a process stopped by Ctrl-C (128 + SIGINT)
+USAGE = 2  # a wrong input: usage, file, name or value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block) and a closest-match hint for a wrong choice."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        m = re.search(r"invalid choice: '?([^'\s]*)'? \(choose from (.*)\)", message)
+        if m:
+            choices = [c.strip(" '") for c in m.group(2).split(",")]
+            message = f"{message};{suggest(m.group(1), choices)}".removesuffix(";")
+        self.exit(USAGE, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+
+
+def _count(minimum: int) -> Any:
+    """An argparse type: an integer >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}; got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}; got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def _device(text: str) -> str:
+    """An argparse type: ``auto``, ``cpu``, ``mps``, ``cuda`` or ``cuda:N`` (checked before anything runs)."""
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", text):
+        hint = " did you mean 'cuda'?" if text.lower().startswith("gpu") else suggest(text, ["auto", "cpu", "cuda", "mps"])
+        raise argparse.ArgumentTypeError(f"unknown device {text!r};{hint} use auto, cpu, cuda, cuda:N or mps")
+    return text
+
+
+def _check_local_device(device: str) -> None:
+    """A CUDA device asked of a local run must exist here (a Slurm job's GPUs are on other machines)."""
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device}: CUDA is not available on this machine; use --device cpu or auto")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA devices "
+                            f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -24,6 +85,7 @@ def _train(args: argparse.Namespace) -> int:
     from dpai_lib.runs import execute
 
     config = load_config(args.config)
+    _check_local_device(args.device)
     path, record = execute(config, args.records, device=args.device, progress=not args.no_progress,
                            num_workers=args.num_workers)
     res = record["results"]
@@ -38,29 +100,89 @@ def _data(args: argparse.Namespace) -> int:
     from dpai_lib.data import prepare_fashion_mnist
 
     if args.name != "fashion_mnist":
-        print(f"only fashion_mnist can be prepared offline; got {args.name!r}", file=sys.stderr)
-        return 2
+        raise UserError(f"only fashion_mnist can be prepared offline; got {args.name!r};"
+                        f"{suggest(args.name, ['fashion_mnist'])} (the other data sets download with "
+                        "data.download: true or are put in place by hand; see the README)".replace(";;", ";"))
     print(f"Fashion-MNIST ready in {prepare_fashion_mnist(args.data_dir)}")
     return 0
 
 
+def _shard(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not m or not int(m.group(2)) >= 1 or not int(m.group(1)) < int(m.group(2)):
+        raise UserError(f"--shard must be i/n with 0 <= i < n (run share i of n, e.g. 0/4); got {text!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _check_params_home(path: Path, params_dir: Path) -> None:
+    """Runs are executed from ``<params folder>/<artefact>.yaml`` by name, so a params file elsewhere would
+    silently run that file instead: refuse it unless it is that file or identical to it."""
+    home = params_dir / f"{path.stem}.yaml"
+    if home.is_file() and (home.resolve() == path.resolve() or home.read_bytes() == path.read_bytes()):
+        return
+    why = "which differs from this file" if home.is_file() else "which does not exist"
+    raise UserError(f"{path}: a params file must be in the project's params folder {params_dir}: each run reads "
+                    f"{home} by name, {why}; copy this file there (and keep its name) to run it")
+
+
+def _check_only(items: list[str], runs: list, source: str) -> None:
+    """Every ``--only`` key and value must select something among ``runs`` (the unfiltered runs of the tier),
+    else the sweep would silently plan nothing."""
+    from dpai_lib.pipeline import FILTER_KEYS
+
+    present: dict[str, list[Any]] = {k: [] for k in FILTER_KEYS}
+    for r in runs:
+        for key, value in (("setting", r.setting), ("method", r.method), ("sparsity", r.config.prune.sparsity),
+                           ("seed", r.config.seed), ("model", r.config.model.name), ("dataset", r.config.data.name)):
+            if value not in present[key]:
+                present[key].append(value)
+    for item in items:
+        key, sep, text = item.partition("=")
+        if key not in FILTER_KEYS:
+            raise UserError(f"--only {item}: unknown key {key!r};{suggest(key, FILTER_KEYS)} keys: "
+                            f"{', '.join(FILTER_KEYS)} (as key=value[,value...])")
+        if not sep or not text or "" in text.split(","):
+            raise UserError(f"--only {item}: expected {key}=value[,value...]; {key} values here: "
+                            f"{', '.join(map(str, present[key]))}")
+        for value in text.split(","):
+            if key == "sparsity":
+                try:
+                    number = float(value)
+                except ValueError:
+                    raise UserError(f"--only {item}: sparsity {value!r} is not a number; sparsities here: "
+                                    f"{', '.join(map(str, present[key]))}") from None
+                found = any(abs(v - number) < 1e-6 * max(1.0, abs(v)) for v in present[key])
+            else:
+                found = value in map(str, present[key])
+            if not found:
+                raise UserError(f"--only {item}: no run of {source} has {key} {value!r};"
+                                f"{suggest(value, map(str, present[key]))} {key} values here: "
+                                f"{', '.join(map(str, present[key]))}")
+
+
 def _run(args: argparse.Namespace) -> int:
+    from dpai_lib.params import load_artefact
     from dpai_lib.pipeline import Paths, parse_only, plan, run_sweep
 
-    i, _, n = args.shard.partition("/")
-    try:
-        shard = (int(i), int(n))
-    except ValueError:
-        print(f"--shard must look like i/n (e.g. 0/4); got {args.shard!r}", file=sys.stderr)
-        return 2
-    runs = plan(args.params, args.budget, only=parse_only(args.only), shard=shard, stage=args.stage)
+    shard = _shard(args.shard)
+    paths, params = Paths.at(), Path(args.params)
+    load_artefact(params)  # a missing or invalid file is named before anything else
+    _check_params_home(params, paths.params)
+    if args.executor == "local":
+        _check_local_device(args.device)
+    source = f"{params} in the {args.budget} tier"
+    _check_only(args.only, plan(params, args.budget, stage=args.stage), source)
+    only = parse_only(args.only)
+    if only and not plan(params, args.budget, only=only, stage=args.stage):
+        raise UserError(f"--only {' '.join(args.only)}: each value occurs in {source}, but no run has them all")
+    runs = plan(params, args.budget, only=only, shard=shard, stage=args.stage)
     slurm = {"timeout_min": args.timeout_min}
     if args.executor == "slurm":
         slurm |= {"gpus_per_node": args.gpus_per_job, "slurm_array_parallelism": args.array_parallelism}
         if args.partition:
             slurm["slurm_partition"] = args.partition
     print(f"{len(runs)} runs planned ({args.budget}, stage {args.stage}, shard {args.shard})")
-    counts = run_sweep(runs, paths=Paths.at(), executor=args.executor, jobs=args.jobs, device=args.device,
+    counts = run_sweep(runs, paths=paths, executor=args.executor, jobs=args.jobs, device=args.device,
                        threads=args.threads, slurm=slurm)
     print(json.dumps(counts))
     return 0 if not counts.get("failed") else 1
@@ -70,10 +192,10 @@ def _collect(args: argparse.Namespace) -> int:
     from dpai_lib.results import artefacts, collect
 
     known = artefacts()
-    unknown = [a for a in args.artefacts if a not in known]
-    if unknown:
-        print(f"unknown artefacts {unknown}; known: {', '.join(known)}", file=sys.stderr)
-        return 2
+    for name in args.artefacts:
+        if name not in known:
+            raise UserError(f"unknown artefact {name!r};{suggest(name, known)} known artefacts (the params files): "
+                            f"{', '.join(known)}")
     for name in args.artefacts or known:
         print(" ".join(str(p) for p in collect(name)))
     return 0
@@ -83,6 +205,7 @@ def _fill(args: argparse.Namespace) -> int:
     from dpai_lib.pipeline import Paths, plan, run_sweep
     from dpai_lib.results import artefacts, scoreboard
 
+    _check_local_device(args.device)
     board = scoreboard()
     paths, total = Paths.at(), {}
     for name in artefacts():
@@ -92,7 +215,7 @@ def _fill(args: argparse.Namespace) -> int:
         if have:
             print(f"{name}: has {have} finished runs in the short/paper tiers; nothing to fill")
             continue
-        runs = plan(paths.params / f"{name}.yaml", args.budget, stage=full)
+        runs = plan(paths.params / f"{name}.yaml", args.budget, stage=full)  # validates every tier
         print(f"{name}: no short/paper data; running its {args.budget} tier ({len(runs)} runs)")
         for k, v in run_sweep(runs, paths=paths, jobs=args.jobs, device=args.device).items():
             total[k] = total.get(k, 0) + v
@@ -125,21 +248,43 @@ def _stale(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dpai_lib", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="prune and train one run configuration (YAML)")
+def _report(err: BaseException) -> str:
+    """One line for an error the user can fix: its message, or pydantic's key paths and messages."""
+    import pydantic
+
+    if isinstance(err, pydantic.ValidationError):
+        return "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top level)'}: {e['msg']}" for e in err.errors())
+    text = one_line(str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err))
+    return text or type(err).__name__
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    import pydantic
+    import yaml
+
+    return (UserError, ValueError, TypeError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
+            PermissionError, yaml.YAMLError, pydantic.ValidationError)
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)  # --debug after the command, too
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of an error")
+    parser = _Parser(prog="python -m dpai_lib", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = sub.add_parser("train", help="prune and train one run configuration (YAML)", parents=[common])
     p.add_argument("config", help="run configuration file, e.g. params/smoke.yaml")
     p.add_argument("--records", default="runs/records", help="folder of run records (default: runs/records)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for image-folder data sets")
+    p.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--num-workers", type=_count(0), default=0, help="DataLoader workers for image-folder data sets")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_train)
-    p = sub.add_parser("data", help="prepare an offline data set")
+    p = sub.add_parser("data", help="prepare an offline data set", parents=[common])
     p.add_argument("name", help="fashion_mnist")
     p.add_argument("--data-dir", default=None, help="data root (default: $DPAI_DATA_DIR or ./data)")
     p.set_defaults(func=_data)
-    p = sub.add_parser("run", help="execute every run of an artefact's params file")
+    p = sub.add_parser("run", help="execute every run of an artefact's params file", parents=[common])
     p.add_argument("params", help="params file, e.g. params/fig1_main.yaml")
     p.add_argument("--budget", required=True, choices=["smoke", "short", "paper"], help="budget tier")
     p.add_argument("--only", nargs="*", default=[], metavar="KEY=V1,V2",
@@ -148,35 +293,71 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stage", default="all", choices=["all", "prune"],
                    help="prune = prune and measure only (no training: the data-free part)")
     p.add_argument("--executor", default="local", choices=["local", "slurm", "submitit-local"])
-    p.add_argument("--jobs", type=int, default=1, help="local runs at a time (GPUs shared round-robin; on the "
-                   "CPU each gets cores/jobs threads)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads per local CPU run (default 0: cores/jobs; "
-                   "use 1 when several runners share the machine)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--gpus-per-job", type=int, default=1, help="slurm: GPUs per job")
+    p.add_argument("--jobs", type=_count(1), default=1, help="local runs at a time (GPUs shared round-robin; on "
+                   "the CPU each gets cores/jobs threads)")
+    p.add_argument("--threads", type=_count(0), default=0, help="torch threads per local CPU run (default 0: "
+                   "cores/jobs; use 1 when several runners share the machine)")
+    p.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--gpus-per-job", type=_count(1), default=1, help="slurm: GPUs per job")
     p.add_argument("--partition", default=None, help="slurm: partition")
-    p.add_argument("--timeout-min", type=int, default=24 * 60, help="submitit: time limit per job in minutes")
-    p.add_argument("--array-parallelism", type=int, default=64, help="slurm: array tasks running at once")
+    p.add_argument("--timeout-min", type=_count(1), default=24 * 60, help="submitit: time limit per job in minutes")
+    p.add_argument("--array-parallelism", type=_count(1), default=64, help="slurm: array tasks running at once")
     p.set_defaults(func=_run)
-    p = sub.add_parser("collect", help="run records -> results/<artefact>.csv")
+    p = sub.add_parser("collect", help="run records -> results/<artefact>.csv", parents=[common])
     p.add_argument("artefacts", nargs="*", help="artefact names (default: all params files)")
     p.set_defaults(func=_collect)
-    p = sub.add_parser("status", help="expected / done / failed / missing runs per artefact")
+    p = sub.add_parser("status", help="expected / done / failed / missing runs per artefact", parents=[common])
     p.add_argument("--stage", default="all", choices=["all", "prune"])
     p.add_argument("--budget", default=None, choices=["smoke", "short", "paper"])
     p.set_defaults(func=_status)
     p = sub.add_parser("stale", help="list (or delete) records that no current grid plans: made with an older "
-                       "pruner or model version, or from a grid that changed")
+                       "pruner or model version, or from a grid that changed", parents=[common])
     p.add_argument("--delete", action="store_true", help="delete them")
     p.set_defaults(func=_stale)
-    p = sub.add_parser("fill", help="run a tier of every artefact that has no short/paper data yet")
+    p = sub.add_parser("fill", help="run a tier of every artefact that has no short/paper data yet", parents=[common])
     p.add_argument("--budget", default="smoke", choices=["smoke", "short", "paper"], help="budget tier (default smoke)")
-    p.add_argument("--jobs", type=int, default=1, help="local runs at a time")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--jobs", type=_count(1), default=1, help="local runs at a time")
+    p.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda or cuda:N")
     p.set_defaults(func=_fill)
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns the exit status: 0 done, 1 some run failed or an internal error, 2 a wrong
+    input (one line on stderr), 130 interrupted by Ctrl-C."""
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as done:  # --help, or a usage error already printed as one line
+        return done.code if isinstance(done.code, int) else USAGE
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        if args.debug:
+            traceback.print_exc()
+        print("interrupted (Ctrl-C): finished runs are kept; interrupted ones are recorded as such and resume "
+              "when the command is run again", file=sys.stderr)
+        return INTERRUPTED
+    except _user_errors() as err:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {_report(err)}", file=sys.stderr)
+        return USAGE
+    except Exception as err:  # a fault of the code, not of the input
+        if args.debug:
+            traceback.print_exc()
+        print(f"internal error: {type(err).__name__}: {_report(err)} (run again with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+def _entry() -> int:
+    status = main()
+    if status == INTERRUPTED:  # a second Ctrl-C while the interpreter winds down stops it at once
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+    return status
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_entry())

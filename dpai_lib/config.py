@@ -273,7 +273,9 @@ def read_yaml(path: str | os.PathLike, what: str = "file") -> Any:
     if path.is_dir():
         raise ConfigError(f"{path}: is a folder, not a {what}")
     if not path.is_file():
-        raise ConfigError(f"no {what} at {path}")
+        near = sorted(p.name for p in path.parent.glob("*.y*ml")) if path.parent.is_dir() else []
+        hint = suggest(path.name, near)
+        raise ConfigError(f"no {what} at {path}" + (f";{hint} ({path.parent} has {', '.join(near)})" if hint else ""))
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as err:
@@ -284,7 +286,9 @@ def read_yaml(path: str | os.PathLike, what: str = "file") -> Any:
         mark = getattr(err, "problem_mark", None)
         at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
         problem = getattr(err, "problem", None) or str(err)
-        context = getattr(err, "context", None)
+        context, start = getattr(err, "context", None), getattr(err, "context_mark", None)
+        if context and start is not None and (mark is None or start.line != mark.line):
+            context += f" that starts at line {start.line + 1}"
         raise ConfigError(one_line(f"{path}: {at}YAML syntax error: {problem}" + (f" ({context})" if context else ""))) from None
 
 
