@@ -106,6 +106,24 @@ def load_artefact(path: str | os.PathLike) -> Artefact:
     annotations) where it is written, and every run of every tier (smoke, short, paper) as a runnable
     configuration, so a typo in a tier nobody runs today is caught too."""
     path = Path(path)
+    try:
+        key = (str(path), path.read_bytes())
+    except OSError:
+        key = None  # read_yaml names the problem
+    if key in _LOADED:  # the same file with the same content: validated already
+        return _LOADED[key]
+    art = _load(path)
+    if key is not None:
+        if len(_LOADED) >= 64:
+            _LOADED.pop(next(iter(_LOADED)))
+        _LOADED[key] = art
+    return art
+
+
+_LOADED: dict[tuple[str, bytes], Artefact] = {}  # (path as given, content) -> validated artefact
+
+
+def _load(path: Path) -> Artefact:
     raw = read_yaml(path, "params file")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of keys to values (artefact, title, ..., budgets), got "
