@@ -20,8 +20,11 @@ class UserError(ValueError):
 
 def suggest(value: Any, allowed: Iterable[Any]) -> str:
     """``" did you mean 'x'?"`` for the allowed value closest to ``value`` (difflib), else ``""``."""
-    close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
-    return f" did you mean {close[0]!r}?" if close else ""
+    by_lower = {}
+    for a in map(str, allowed):
+        by_lower.setdefault(a.lower(), a)
+    close = difflib.get_close_matches(str(value).lower(), list(by_lower), n=1)  # case does not count
+    return f" did you mean {by_lower[close[0]]!r}?" if close else ""
 
 
 def unknown(kind: str, value: Any, allowed: Iterable[Any]) -> str:

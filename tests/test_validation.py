@@ -108,6 +108,15 @@ def test_option_types_come_from_the_pruner_functions_annotations():
         ("max_p_drop_layers", "option 'max_p_drop_layers' of pruner 'npb' must be a list of integers or null; got '3'")]
 
 
+def test_choice_options_are_checked_against_the_values_their_pruner_allows():
+    assert check_options("random", {"budget": "erkk"}) == [
+        ("budget", "option 'budget' of pruner 'random' must be one of 'erk', 'uniform'; got 'erkk'; did you mean 'erk'?")]
+    assert check_options("synflow", {"schedule": "linear", "scope": "layer", "ties": "prune_all"}) == []
+    assert check_options("dpai", {"path_count": "exakt"}) == [
+        ("path_count", "option 'path_count' of pruner 'dpai' must be one of 'release', 'exact'; got 'exakt'; did you "
+                       "mean 'exact'?")]
+
+
 # -- masks files -----------------------------------------------------------------------------------
 
 
@@ -160,6 +169,8 @@ BAD_PARAMS = [
     (("budgets", "paper", "methods"), {"synflow": {"iterations": 1.5}},  # a tier nobody runs in the tests
      "budgets.paper.methods.synflow.iterations: option 'iterations' of pruner 'synflow' must be an integer; got 1.5"),
     (("methods", "dpai", "alpha"), 1, None),  # an int is a valid float
+    (("methods", "random", "budget"), "ERK", "methods.random.budget: option 'budget' of pruner 'random' must be one of "
+                                             "'erk', 'uniform'; got 'ERK'; did you mean 'erk'?"),
     ((*R20, "config", "model", "name"), "resnet2",
      "settings.resnet20_cifar10.config.model.name: unknown model 'resnet2'; did you mean 'resnet20'? known models: "),
     ((*R20, "config", "model", "name"), "tv:resnet05",

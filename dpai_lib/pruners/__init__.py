@@ -105,7 +105,10 @@ def check_options(method: str, options: Mapping[str, Any]) -> list[tuple[str, st
         try:
             adapter.validate_python(value)
         except pydantic.ValidationError:
-            problems.append((str(name), f"option {name!r} of pruner {method!r} must be {wanted}; got {short(value)}"))
+            choices = _choices(method, name)
+            hint = suggest(value, choices) if choices and isinstance(value, str) else ""
+            problems.append((str(name), f"option {name!r} of pruner {method!r} must be {wanted}; got {short(value)}"
+                                        + (f";{hint}" if hint else "")))
     return problems
 
 
@@ -121,6 +124,14 @@ def _option_type(method: str, name: str) -> tuple[pydantic.TypeAdapter | None, s
         return pydantic.TypeAdapter(annotation, config=config), _in_words(annotation)
     except pydantic.PydanticUserError:  # e.g. an annotation pydantic cannot validate
         return None, ""
+
+
+def _choices(method: str, name: str) -> list[str]:
+    """The string values a choice option (annotated ``Literal[...]``, maybe ``| None``) allows."""
+    annotation = typing.get_type_hints(PRUNERS.get(method)).get(name)
+    args = typing.get_args(annotation) if typing.get_origin(annotation) is typing.Literal else [
+        v for a in typing.get_args(annotation) if typing.get_origin(a) is typing.Literal for v in typing.get_args(a)]
+    return [str(v) for v in args]
 
 
 def _in_words(annotation: Any) -> str:

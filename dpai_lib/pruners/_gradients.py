@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import typing
 from collections.abc import Iterable, Iterator, Mapping
 
 import torch
@@ -23,11 +24,10 @@ from torch import nn
 from torch.func import functional_call
 
 from dpai_lib.masks import Masks, prunable_parameters
-from dpai_lib.pruners._select import SCOPES, TIES, check_choice, masks_from_scores
-from dpai_lib.sparsity import LAYERWISE_BUDGETS
+from dpai_lib.pruners._select import SCOPES, TIES, Budget, Schedule, Scope, Ties, check_choice, masks_from_scores  # noqa: F401
 
-BUDGETS = tuple(LAYERWISE_BUDGETS)
-SCHEDULES = ("exponential", "linear")
+BUDGETS = typing.get_args(Budget)
+SCHEDULES = typing.get_args(Schedule)
 
 
 # -- validation ------------------------------------------------------------------------------------

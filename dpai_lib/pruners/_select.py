@@ -9,15 +9,22 @@ below it is pruned, so ties can remove more weights than asked.
 from __future__ import annotations
 
 import math
+import typing
 from collections.abc import Mapping
+from typing import Literal
 
 import torch
 
 from dpai_lib.masks import Masks
-from dpai_lib.sparsity import kept_count, layer_kept_counts
+from dpai_lib.sparsity import LAYERWISE_BUDGETS, kept_count, layer_kept_counts
 
-SCOPES = ("global", "layer")
-TIES = ("exact", "prune_all")
+# The values a choice option of a pruner takes, as types: pruner signatures annotate their options with them,
+# so a params file's typo (``budget: erkk``) is an error when the file is loaded (dpai_lib.pruners.check_options).
+Scope = Literal["global", "layer"]
+Ties = Literal["exact", "prune_all"]
+Budget = Literal[tuple(LAYERWISE_BUDGETS)]  # type: ignore[valid-type]  # "erk", "uniform"
+Schedule = Literal["exponential", "linear"]
+SCOPES, TIES = typing.get_args(Scope), typing.get_args(Ties)
 
 
 def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> str:

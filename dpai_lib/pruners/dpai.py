@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import math
 import time
+import typing
 from collections.abc import Mapping
+from typing import Literal
 
 import torch
 from torch import nn
@@ -43,10 +45,11 @@ from dpai_lib.masks import Masks, prunable_parameters
 from dpai_lib.metrics import PathCounter
 from dpai_lib.paths import ReleasePathCount
 from dpai_lib.pruners import register_pruner
-from dpai_lib.pruners._select import check_choice, topk_mask
+from dpai_lib.pruners._select import Budget, check_choice, topk_mask
 from dpai_lib.sparsity import layer_kept_counts
 
-PATH_COUNTS = ("release", "exact")
+PathCount = Literal["release", "exact"]
+PATH_COUNTS = typing.get_args(PathCount)
 
 
 class _TrackedTopK:
@@ -131,8 +134,8 @@ def dpai_prune(
     beta: float = 0.5,
     lr: float = 0.005,
     steps: int = 3000,
-    budget: str = "erk",
-    path_count: str = "release",
+    budget: Budget = "erk",
+    path_count: PathCount = "release",
     init_scores: Mapping[str, torch.Tensor] | None = None,
     trace: bool = True,
     progress: bool = False,

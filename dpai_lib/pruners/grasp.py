@@ -53,6 +53,7 @@ from dpai_lib.pruners._gradients import (
     select,
     take_batches,
 )
+from dpai_lib.pruners._select import Budget, Scope, Ties
 
 
 def grasp_hessian_gradient(
@@ -89,9 +90,9 @@ def grasp_prune(
     temperature: float = 200.0,
     num_batches: int | None = None,
     train_mode: bool = True,
-    scope: str = "global",
-    budget: str = "erk",
-    ties: str = "exact",
+    scope: Scope = "global",
+    budget: Budget = "erk",
+    ties: Ties = "exact",
 ) -> Masks:
     check_selection(scope, budget, ties)
     check_positive("temperature", temperature)

@@ -62,6 +62,7 @@ from dpai_lib.pruners._gradients import (
     select,
     take_batches,
 )
+from dpai_lib.pruners._select import Budget, Schedule, Scope, Ties
 from dpai_lib.pruners.snip import snip_scores
 
 
@@ -72,13 +73,13 @@ def iter_snip_masks(
     *,
     seed: int = 0,
     iterations: int = 100,
-    schedule: str = "exponential",
+    schedule: Schedule = "exponential",
     revival: bool = False,
     batches_per_iteration: int | None = 1,
     train_mode: bool = True,
-    scope: str = "global",
-    budget: str = "erk",
-    ties: str = "exact",
+    scope: Scope = "global",
+    budget: Budget = "erk",
+    ties: Ties = "exact",
 ) -> Iterator[Masks]:
     """Yield the masks after every round (the pruner returns the last); ``model`` is modified (mode)."""
     check_selection(scope, budget, ties)
@@ -113,13 +114,13 @@ def iter_snip_prune(
     data=None,
     seed: int = 0,
     iterations: int = 100,
-    schedule: str = "exponential",
+    schedule: Schedule = "exponential",
     revival: bool = False,
     batches_per_iteration: int | None = 1,
     train_mode: bool = True,
-    scope: str = "global",
-    budget: str = "erk",
-    ties: str = "exact",
+    scope: Scope = "global",
+    budget: Budget = "erk",
+    ties: Ties = "exact",
 ) -> Masks:
     masks = None
     for masks in iter_snip_masks(

@@ -29,6 +29,7 @@ from torch import nn
 from dpai_lib.masks import Masks, prunable_parameters
 from dpai_lib.pruners import register_pruner
 from dpai_lib.pruners._gradients import check_selection, select
+from dpai_lib.pruners._select import Budget, Scope, Ties
 
 
 @register_pruner("magnitude", needs_data=False)
@@ -39,9 +40,9 @@ def magnitude_prune(
     input_shape: tuple[int, ...],
     data=None,
     seed: int = 0,
-    scope: str = "global",
-    budget: str = "erk",
-    ties: str = "exact",
+    scope: Scope = "global",
+    budget: Budget = "erk",
+    ties: Ties = "exact",
 ) -> Masks:
     check_selection(scope, budget, ties)
     scores = {n: p.detach().abs() for n, p in prunable_parameters(model).items()}

@@ -60,6 +60,7 @@ from dpai_lib.pruners._gradients import (
     seeded,
     select,
 )
+from dpai_lib.pruners._select import Budget, Scope, Ties
 
 
 def prospr_scores(
@@ -110,9 +111,9 @@ def prospr_prune(
     inner_momentum: float = 0.0,
     new_batches: bool = True,
     train_mode: bool = True,
-    scope: str = "global",
-    budget: str = "erk",
-    ties: str = "exact",
+    scope: Scope = "global",
+    budget: Budget = "erk",
+    ties: Ties = "exact",
 ) -> Masks:
     check_selection(scope, budget, ties)
     check_int("inner_steps", inner_steps, 0)

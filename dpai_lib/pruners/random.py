@@ -13,12 +13,13 @@ from torch import nn
 
 from dpai_lib.masks import Masks, prunable_parameters
 from dpai_lib.pruners import register_pruner
+from dpai_lib.pruners._select import Budget
 from dpai_lib.sparsity import layer_kept_counts
 
 
 @register_pruner("random", needs_data=False)
 def random_prune(
-    model: nn.Module, sparsity: float, *, input_shape: tuple[int, ...], data=None, seed: int = 0, budget: str = "erk"
+    model: nn.Module, sparsity: float, *, input_shape: tuple[int, ...], data=None, seed: int = 0, budget: Budget = "erk"
 ) -> Masks:
     params = prunable_parameters(model)
     counts = layer_kept_counts({n: p.shape for n, p in params.items()}, sparsity, budget)

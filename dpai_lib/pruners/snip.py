@@ -50,6 +50,7 @@ from dpai_lib.pruners._gradients import (
     select,
     take_batches,
 )
+from dpai_lib.pruners._select import Budget, Scope, Ties
 
 
 def snip_scores(
@@ -83,9 +84,9 @@ def snip_prune(
     seed: int = 0,
     num_batches: int | None = None,
     train_mode: bool = True,
-    scope: str = "global",
-    budget: str = "erk",
-    ties: str = "exact",
+    scope: Scope = "global",
+    budget: Budget = "erk",
+    ties: Ties = "exact",
 ) -> Masks:
     check_selection(scope, budget, ties)
     check_int("num_batches", num_batches, 1, allow_none=True)

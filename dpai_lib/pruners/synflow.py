@@ -59,6 +59,7 @@ from dpai_lib.pruners._gradients import (
     model_dtype,
     select,
 )
+from dpai_lib.pruners._select import Budget, Schedule, Scope, Ties
 
 
 @torch.no_grad()
@@ -93,12 +94,12 @@ def synflow_masks(
     input_shape: tuple[int, ...],
     *,
     iterations: int = 100,
-    schedule: str = "exponential",
+    schedule: Schedule = "exponential",
     double: bool = True,
     train_mode: bool = False,
-    scope: str = "global",
-    budget: str = "erk",
-    ties: str = "exact",
+    scope: Scope = "global",
+    budget: Budget = "erk",
+    ties: Ties = "exact",
 ) -> Iterator[Masks]:
     """Yield the masks after every round (the pruner returns the last); ``model`` is modified in place."""
     check_selection(scope, budget, ties)
@@ -125,12 +126,12 @@ def synflow_prune(
     data=None,
     seed: int = 0,
     iterations: int = 100,
-    schedule: str = "exponential",
+    schedule: Schedule = "exponential",
     double: bool = True,
     train_mode: bool = False,
-    scope: str = "global",
-    budget: str = "erk",
-    ties: str = "exact",
+    scope: Scope = "global",
+    budget: Budget = "erk",
+    ties: Ties = "exact",
 ) -> Masks:
     masks = None
     for masks in synflow_masks(
