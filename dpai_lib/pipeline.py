@@ -235,7 +235,8 @@ def execute_run(run: PlannedRun, paths: Paths, device: str = "auto", threads: in
         except Exception as exc:
             from nbclient.exceptions import DeadKernelError
 
-            record_unless_written("interrupted" if isinstance(exc, DeadKernelError) else "failed", exc)
+            interrupted = isinstance(exc, DeadKernelError) or getattr(exc, "ename", None) == "KeyboardInterrupt"
+            record_unless_written("interrupted" if interrupted else "failed", exc)
         return read_record(record_file, rid)["status"]
     finally:
         _KERNELS.difference_update(pids)

@@ -97,14 +97,15 @@ def test_killed_sweep_resumes_and_two_runners_neither_lose_nor_duplicate(tiny):
 
 def test_a_failing_run_is_recorded_and_the_sweep_goes_on(tiny):
     params_file, paths = tiny
-    raw = dict(TINY)
-    raw["methods"] = {"random": {"budget": "erk"}, "magnitude": {"no_such_option": 1}}
+    raw = dict(TINY)  # valid params, and a run that fails once it has its data: a subset larger than the set
+    raw["settings"] = dict(TINY["settings"], toobig={
+        "config": {"data": {"train_subset": 100_000}}, "methods": ["random"], "sparsities": [0.9], "seeds": [0]})
     params_file.write_text(yaml.safe_dump(raw))
-    counts = run_sweep(plan(params_file, "smoke", only=parse_only(["seed=0"])), paths=paths, device="cpu",
-                       progress=False)
+    counts = run_sweep(plan(params_file, "smoke", only=parse_only(["seed=0", "method=random"])), paths=paths,
+                       device="cpu", progress=False)
     assert counts == {"skipped": 0, "done": 1, "failed": 1}
     failed = [load_record(p) for p in paths.smoke_store.glob("*.json") if load_record(p)["status"] == "failed"]
-    assert len(failed) == 1 and "no_such_option" in failed[0]["error"]
+    assert len(failed) == 1 and "train_subset=100000 exceeds the 128 training images" in failed[0]["error"]
 
 
 def test_submitit_local_executor_runs_a_small_sweep(tiny):
