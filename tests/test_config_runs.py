@@ -130,3 +130,49 @@ def test_prune_only_runs_need_no_data_files_and_record_node_path_stats(tmp_path)
     assert exact["log_paths"] > 0 and exact["nodes"] <= 10 + 16 * 7 + 32 * 7 + 64 * 7
     assert release["log_paths"] > 0 and set(exact["layers"]) == set(record["results"]["masks"]["layer_density"])
     assert len(record["curves_prune"]) == 3 + 2
+
+
+def test_resume_uses_the_runs_saved_masks_and_refuses_a_checkpoint_made_with_other_masks(tmp_path):
+    import torch
+
+    from dpai_lib.masks import Masks
+    from dpai_lib.runs import ResumeError
+
+    raw = run_dict(data={"name": "synthetic", "options": {"train_size": 64, "test_size": 64, "image_size": 8}})
+    raw["train"] = raw["train"] | {"batch_size": 32, "max_train_batches": 1}
+    cfg = validate_config(raw)
+    records = tmp_path / "records"
+    work = records / "work" / run_id(cfg)
+    masks_file, ckpt = work / "masks.safetensors", work / "checkpoint.pt"
+    path, first = execute(cfg, records, device="cpu", progress=False)
+    assert first["results"]["resumed_from_epoch"] is None and ckpt.exists()
+    path.unlink()  # as if the run had been interrupted after its last checkpoint
+    _, resumed = execute(cfg, records, device="cpu", progress=False)
+    assert resumed["status"] == "done" and resumed["results"]["resumed_from_epoch"] == 1
+    assert resumed["results"]["final_test_acc"] == first["results"]["final_test_acc"]
+
+    saved = Masks.load(masks_file)
+    name = next(n for n in saved if 0 < int(saved[n].sum()) < saved[n].numel())
+    moved = Masks({n: (m.flatten().roll(1).view_as(m) if n == name else m) for n, m in saved.items()})
+    assert moved.layer_kept() == saved.layer_kept() and not torch.equal(moved[name], saved[name])
+    moved.save(masks_file)  # as many weights kept in every layer, other ones: kept counts cannot tell
+    path.unlink()
+    with pytest.raises(ResumeError) as err:
+        execute(cfg, records, device="cpu", progress=False)
+    msg = str(err.value)
+    assert f"cannot resume {ckpt}: it was trained with the masks in {masks_file}" in msg
+    assert f"differ from this run's masks in 1 layers ({name};" in msg and f"delete {work}" in msg
+    failed = load_record(path)
+    assert failed["status"] == "failed" and "ResumeError" in failed["error"] and str(masks_file) in failed["error"]
+
+    saved.save(masks_file)  # the run's own masks again, but a checkpoint trained with others
+    state = torch.load(ckpt, weights_only=False)
+    state["model"][name][~saved[name]] = 0.5
+    torch.save(state, ckpt)
+    with pytest.raises(ResumeError, match=f"its weights are not zero where the masks in {masks_file} prune them "
+                                          rf"\({name}\)"):
+        execute(cfg, records, device="cpu", progress=False)
+
+    masks_file.unlink()
+    with pytest.raises(ResumeError, match=f"its mask file {masks_file} is missing or unreadable"):
+        execute(cfg, records, device="cpu", progress=False)
