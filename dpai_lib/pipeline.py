@@ -284,7 +284,14 @@ def run_sweep(runs: list[PlannedRun], *, paths: Paths | None = None, executor: s
         raise ValueError(f"jobs must be >= 1; got {jobs}")
     if threads < 0:
         raise ValueError(f"threads must be >= 0 (0 = cores // jobs); got {threads}")
-    todo = [r for r in runs if not is_done(r, paths)]
+    todo = []
+    for run in runs:
+        if not is_done(run, paths):
+            todo.append(run)
+        elif lock_path(run, paths).exists():  # left by a runner that died after the run was recorded
+            stale = RunLock(lock_path(run, paths), timeout_s=lock_timeout_s)
+            if stale.acquire():  # only if it is stale: a live holder keeps it
+                stale.release()
     counts = SweepCounts(skipped=len(runs) - len(todo))
 
     def count(run: PlannedRun, status: str) -> None:
