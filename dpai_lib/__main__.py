@@ -100,9 +100,9 @@ def _data(args: argparse.Namespace) -> int:
     from dpai_lib.data import prepare_fashion_mnist
 
     if args.name != "fashion_mnist":
-        raise UserError(f"only fashion_mnist can be prepared offline; got {args.name!r};"
-                        f"{suggest(args.name, ['fashion_mnist'])} (the other data sets download with "
-                        "data.download: true or are put in place by hand; see the README)".replace(";;", ";"))
+        hint = suggest(args.name, ["fashion_mnist"])
+        raise UserError(f"only fashion_mnist can be prepared offline; got {args.name!r};{hint} the other data sets "
+                        "download with data.download: true or are put in place by hand (README)")
     print(f"Fashion-MNIST ready in {prepare_fashion_mnist(args.data_dir)}")
     return 0
 

@@ -219,6 +219,9 @@ def expand(art: Artefact, budget: str) -> list[PlannedRun]:
     if budget not in BUDGETS:
         raise ConfigError(f"unknown budget {budget!r};{suggest(budget, BUDGETS)} allowed: {', '.join(BUDGETS)}")
     if budget not in art._runs:  # an Artefact built without load_artefact
+        problems = _problems(art)
+        if problems:
+            raise ConfigError(_joined(art._source or art.artefact, problems))
         art._runs[budget] = _expand(art, budget)
     return list(art._runs[budget])
 
