@@ -42,8 +42,9 @@ def test_an_input_shape_the_model_cannot_take_is_named_with_the_models_error(res
         prune(resnet20, "random", 0.9, input_shape=(1, 32, 32))
     with pytest.raises(TypeError, match=r"^input_shape must be one input's shape .*e\.g\. \(3, 32, 32\); got 32$"):
         prune(resnet20, "random", 0.9, input_shape=32)
-    with pytest.raises(TypeError, match=r"got \(3, 0, 32\)$"):
-        prune(resnet20, "random", 0.9, input_shape=(3, 0, 32))
+    for bad in [(3, 0, 32), (), (3, 32.0, 32)]:
+        with pytest.raises(ValueError, match=rf"^input_shape must be one input's shape .*; got {re.escape(repr(bad))}$"):
+            prune(resnet20, "random", 0.9, input_shape=bad)
 
 
 def test_the_shape_check_leaves_batch_norm_statistics_and_train_flags_alone(monkeypatch):

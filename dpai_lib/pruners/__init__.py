@@ -204,11 +204,12 @@ def prune(
 
 def _input_shape(input_shape: Any) -> tuple[int, ...]:
     """``input_shape`` as a tuple of positive ints (one input's shape, without the batch dimension)."""
-    ok = isinstance(input_shape, (tuple, list, torch.Size)) and len(input_shape) > 0 and all(
-        isinstance(d, numbers.Integral) and not isinstance(d, bool) and d > 0 for d in input_shape)
-    if not ok:
-        raise TypeError(f"input_shape must be one input's shape as positive integers, without the batch "
-                        f"dimension, e.g. (3, 32, 32); got {short(input_shape)}")
+    what = "one input's shape as positive integers, without the batch dimension, e.g. (3, 32, 32)"
+    if not isinstance(input_shape, (tuple, list, torch.Size)):
+        raise TypeError(f"input_shape must be {what}; got {short(input_shape)}")
+    if not input_shape or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) and d > 0
+                                  for d in input_shape):
+        raise ValueError(f"input_shape must be {what}; got {short(input_shape)}")
     return tuple(int(d) for d in input_shape)
 
 
