@@ -189,8 +189,8 @@ BAD_PARAMS = [
     (("methods", "variant"), {"pruner": "dpa"}, "methods.variant.pruner: unknown pruner 'dpa'; did you mean 'dpai'?"),
     ((*R20, "methods", 6), "dpia", "settings.resnet20_cifar10.methods.6: unknown method 'dpia'; did you mean 'dpai'? "
                                    "known methods: random, snip, iter_snip, synflow, phew, npb, dpai"),
-    ((*R20, "method_options", "npbb"), {}, "settings.resnet20_cifar10.method_options.npbb: method 'npbb' is not run in "
-                                           "setting 'resnet20_cifar10'; did you mean 'npb'? it runs: random, snip,"),
+    ((*R20, "method_options", "npbb"), {}, "settings.resnet20_cifar10.method_options.npbb: unknown method 'npbb'; did "
+                                           "you mean 'npb'? known methods: random, snip,"),
     (("budgets", "smoke", "methods", "dpia"), {}, "budgets.smoke.methods.dpia: unknown method 'dpia'; did you mean 'dpai'?"),
     (("budgets", "short", "settings", "resnet20_cifar1"), {},
      "budgets.short.settings.resnet20_cifar1: unknown setting 'resnet20_cifar1'; did you mean 'resnet20_cifar10'?"),
