@@ -218,3 +218,28 @@ def test_ctrl_c_stops_a_training_run_promptly_and_records_it(tmp_path):
         "command is run again"]
     [record] = records.glob("*.json")
     assert json.loads(record.read_text())["status"] == "interrupted"
+
+
+def test_raw_library_errors_reaching_the_command_line_are_one_line_too(capsys, monkeypatch):
+    from dpai_lib.config import TrainConfig
+
+    def pydantic_error(args):
+        TrainConfig.model_validate({"epochs": -1, "batch_size": 64})
+
+    monkeypatch.setattr(cli, "_stale", pydantic_error)
+    line = _err(capsys, ["stale"])
+    assert line.startswith("error: epochs: Input should be greater than or equal to 0; test_batch_size: Field required")
+
+    def yaml_error(args):
+        yaml.safe_load("a: [1\nb: 2")
+
+    monkeypatch.setattr(cli, "_stale", yaml_error)
+    assert _err(capsys, ["stale"]).startswith("error: while parsing a flow sequence in \"<unicode string>\", line 1")
+
+    def missing(args):
+        open("/no/such/file.yaml")
+
+    monkeypatch.setattr(cli, "_stale", missing)
+    assert _err(capsys, ["stale"]) == "error: [Errno 2] No such file or directory: '/no/such/file.yaml'"
+    assert cli.main(["stale", "--help"]) == 0
+    assert "--debug" in capsys.readouterr().out
