@@ -129,7 +129,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import scipy.sparse as sp
@@ -140,13 +140,14 @@ from torch import nn
 from dpai_lib.masks import Masks, prunable_parameters
 from dpai_lib.paths import pruning_network
 from dpai_lib.pruners import register_pruner
-from dpai_lib.pruners._select import check_choice
+from dpai_lib.pruners._select import Budget, check_choice
 from dpai_lib.sparsity import LAYERWISE_BUDGETS, layer_kept_counts
 
 logger = logging.getLogger(__name__)
 
 MAX_P_FLOOR = 5  # NPB lowers max_p after a shortcut only while it is above this value
 VARIANTS = ("release", "library")  # NPB's release behaviour, or this library's earlier re-design
+Variant = Literal["release", "library"]
 
 
 class NPBTimeLimitWarning(RuntimeWarning):
@@ -726,8 +727,8 @@ def npb_masks_and_report(
 @register_pruner("npb", needs_data=False, version=2)
 def npb_prune(
     model: nn.Module, sparsity: float, *, input_shape: tuple[int, ...], data=None, seed: int = 0,
-    variant: str = "release", alpha: float = 0.01, beta: float = 1.0, max_p: int | None = 9,
-    max_p_drop_layers: Sequence[int] | None = None, min_n: int = 1, budget: str = "erk",
+    variant: Variant = "release", alpha: float = 0.01, beta: float = 1.0, max_p: int | None = 9,
+    max_p_drop_layers: Sequence[int] | None = None, min_n: int = 1, budget: Budget = "erk",
     chunk_size: int = 32, chunk_threshold: int = 64 * 32, linear_chunk_size: int = 10,
     linear_chunk_threshold: int = 5120, shortcut_beta: float = 0.001, max_p_step: int = 2, fine_tune: bool = True,
     time_limit_s: float | None = 60.0, mip_rel_gap: float = 1e-4,
