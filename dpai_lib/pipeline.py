@@ -353,14 +353,16 @@ def _sweep_local(todo: list[PlannedRun], paths: Paths, jobs: int, device: str, t
             fut.cancel()
         signalled: set[int] = set()
         deadline = time.monotonic() + grace_s
-        while not all(f.done() for f in futures) and time.monotonic() < deadline:
-            now = set(_KERNELS)
-            _signal_kernels(signal.SIGINT, now - signalled)  # kernels that start late get theirs too
-            signalled |= now
-            time.sleep(0.1)
-        while not all(f.done() for f in futures):
-            _signal_kernels(signal.SIGKILL, set(_KERNELS))
-            time.sleep(0.1)
+        try:
+            while not all(f.done() for f in futures) and time.monotonic() < deadline:
+                now = set(_KERNELS)
+                _signal_kernels(signal.SIGINT, now - signalled)  # kernels that start late get theirs too
+                signalled |= now
+                time.sleep(0.1)
+        finally:  # after the grace period, or at once on a second Ctrl-C
+            while not all(f.done() for f in futures):
+                _signal_kernels(signal.SIGKILL, set(_KERNELS))
+                time.sleep(0.1)
         raise
     finally:
         pool.shutdown(wait=True)
