@@ -184,7 +184,14 @@ def quarantine(path: str | os.PathLike, why: BaseException | str = "") -> Path |
 # -- locks -----------------------------------------------------------------------------------------
 def lock_timeout() -> float:
     """Seconds without a heartbeat after which a lock is stale on any host: ``$DPAI_LOCK_TIMEOUT_S`` or 600."""
-    return float(os.environ.get("DPAI_LOCK_TIMEOUT_S", 600))
+    value = os.environ.get("DPAI_LOCK_TIMEOUT_S", "600")
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ValueError(f"DPAI_LOCK_TIMEOUT_S must be a positive number of seconds; got {value!r}")
+    return seconds
 
 
 _HELD: set[str] = set()  # tokens of the locks this process holds (a lock of our pid not in it is a dead ancestor's)

@@ -12,26 +12,15 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from dpai_lib.pipeline import ROOT, Paths, plan, record_path
 from dpai_lib.runs import run_id
 from dpai_lib.store import read_record
+from test_reliability import TINY as RELIABILITY_TINY, _children, store_with
 
-TINY = {
-    "artefact": "tiny",
+TINY = RELIABILITY_TINY | {  # 4 runs of 3 epochs of one batch: checkpoints to resume from
     "title": "fault injection",
-    "paper_ref": "none",
-    "notebook": "book/experiments/prune_train.md",
-    "stages": ["prune", "train"],
-    "base": {"deterministic": True,
-             "data": {"name": "synthetic", "options": {"train_size": 64, "test_size": 64, "image_size": 8}},
-             "model": {"name": "resnet20"},
-             "train": {"epochs": 3, "batch_size": 32, "test_batch_size": 64, "lr": 0.05, "momentum": 0.9,
-                       "nesterov": False, "weight_decay": 1e-4, "lr_drops": [], "lr_drop_factor": 0.1,
-                       "max_train_batches": 1}},
-    "methods": {"random": {"budget": "erk"}, "magnitude": {}},
-    "settings": {"r20": {"config": {}, "methods": ["random", "magnitude"], "sparsities": [0.9], "seeds": [0, 1]}},
+    "base": RELIABILITY_TINY["base"] | {"train": RELIABILITY_TINY["base"]["train"] | {"epochs": 3}},
     "budgets": {"smoke": {}, "short": {}, "paper": {}},
 }
 KILLS = 10
@@ -44,17 +33,6 @@ def _runner(paths: Paths, params_file: Path) -> subprocess.Popen:
             "progress=False); print(json.dumps({**c, 'busy_locks': c.busy_locks}))")
     return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=ROOT, start_new_session=True)
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(stat.parent.name))
-        except (OSError, IndexError, ValueError):
-            pass
-    return out
 
 
 def _finished(paths: Paths, runs) -> dict[str, tuple[int, int]]:
@@ -81,12 +59,15 @@ def _held_by(paths: Paths, pid: int) -> bool:
     return False
 
 
+def _happened(event: str, runner: subprocess.Popen, paths: Paths, since: float) -> bool:
+    if event == "kernel":  # the runner has started a kernel
+        return bool(_children(runner.pid))
+    return any(p.stat().st_mtime > since for p in paths.smoke_store.glob("*.json"))  # a record was written
+
+
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the kernels through /proc")
 def test_a_sweep_killed_ten_times_at_random_loses_repeats_and_corrupts_nothing(tmp_path):
-    paths = Paths.at(tmp_path)
-    paths.params.mkdir()
-    params_file = paths.params / "tiny.yaml"
-    params_file.write_text(yaml.safe_dump(TINY))
+    params_file, paths = store_with(tmp_path, TINY)
     runs = plan(params_file, "smoke")
     ids = sorted(run_id(r.config) for r in runs)
     assert len(ids) == 4
@@ -103,13 +84,8 @@ def test_a_sweep_killed_ten_times_at_random_loses_repeats_and_corrupts_nothing(t
         t0 = time.time()
         runner = _runner(paths, params_file)
         if isinstance(delay, str):
-            def happened() -> bool:
-                if delay == "kernel":
-                    return bool(_children(runner.pid))
-                return any(p.stat().st_mtime > t0 for p in paths.smoke_store.glob("*.json"))
-
             deadline = time.time() + 180
-            while not happened() and time.time() < deadline and runner.poll() is None:
+            while not _happened(delay, runner, paths, t0) and time.time() < deadline and runner.poll() is None:
                 time.sleep(0.05)
             time.sleep(rng.uniform(0, 3 if delay == "kernel" else 2))
         else:

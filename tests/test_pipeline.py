@@ -36,12 +36,17 @@ TINY = {
 }
 
 
-@pytest.fixture()
-def tiny(tmp_path):
+def store_with(tmp_path: Path, raw: dict) -> tuple[Path, Paths]:
+    """A store under ``tmp_path`` with the params file ``raw`` (artefact ``tiny``): (params file, paths)."""
     paths = Paths.at(tmp_path)
     paths.params.mkdir()
-    (paths.params / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    (paths.params / "tiny.yaml").write_text(yaml.safe_dump(raw))
     return paths.params / "tiny.yaml", paths
+
+
+@pytest.fixture()
+def tiny(tmp_path):
+    return store_with(tmp_path, TINY)
 
 
 def _cli(params_file: Path, paths: Paths, *extra: str) -> subprocess.Popen:

@@ -12,26 +12,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dpai_lib.pipeline import ROOT, Paths, execute_run, is_done, lock_path, parse_only, plan, record_path, run_sweep
+from dpai_lib.pipeline import ROOT, execute_run, is_done, lock_path, parse_only, plan, record_path, run_sweep
 from dpai_lib.results import artefact_records, collect, scoreboard, status
 from dpai_lib.runs import run_id
 from dpai_lib.store import SCHEMA, RunLock, read_record, write_record
+from test_pipeline import TINY as PIPELINE_TINY, store_with
 
-# small and quick: 8x8 synthetic images, one training batch
-TINY = {
-    "artefact": "tiny",
+# small and quick: 8x8 synthetic images, one training batch of 32; the smoke tier differs from the others
+TINY = PIPELINE_TINY | {
     "title": "reliability test",
-    "paper_ref": "none",
-    "notebook": "book/experiments/prune_train.md",
-    "stages": ["prune", "train"],
-    "base": {"deterministic": True,
-             "data": {"name": "synthetic", "options": {"train_size": 64, "test_size": 64, "image_size": 8}},
-             "model": {"name": "resnet20"},
-             "train": {"epochs": 1, "batch_size": 32, "test_batch_size": 64, "lr": 0.05, "momentum": 0.9,
-                       "nesterov": False, "weight_decay": 1e-4, "lr_drops": [], "lr_drop_factor": 0.1,
-                       "max_train_batches": 1}},
-    "methods": {"random": {"budget": "erk"}, "magnitude": {}},
-    "settings": {"r20": {"config": {}, "methods": ["random", "magnitude"], "sparsities": [0.9], "seeds": [0, 1]}},
+    "base": PIPELINE_TINY["base"] | {
+        "data": {"name": "synthetic", "options": {"train_size": 64, "test_size": 64, "image_size": 8}},
+        "train": PIPELINE_TINY["base"]["train"] | {"batch_size": 32, "max_train_batches": 1}},
     "budgets": {"smoke": {"all": {"train": {"max_test_batches": 1}}}, "short": {}, "paper": {}},
 }
 
@@ -60,10 +52,7 @@ os.kill(os.getpid(), signal.SIGKILL)
 
 @pytest.fixture()
 def tiny(tmp_path):
-    paths = Paths.at(tmp_path)
-    paths.params.mkdir()
-    (paths.params / "tiny.yaml").write_text(yaml.safe_dump(TINY))
-    return paths.params / "tiny.yaml", paths
+    return store_with(tmp_path, TINY)
 
 
 def done_record(run) -> dict:
@@ -181,14 +170,14 @@ def test_a_kernel_that_dies_leaves_an_interrupted_record_and_a_free_lock(tiny):
 
 
 def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (a runner's kernels), from /proc."""
     out = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            out.append(int(stat.parent.name))
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            pass
     return out
 
 

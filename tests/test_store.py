@@ -31,10 +31,9 @@ def record(**overrides):
 def test_atomic_write_leaves_the_old_file_whole_when_the_writer_fails(tmp_path):
     path = tmp_path / "a" / "f.json"
     write_json(path, {"x": 1})
-    with pytest.raises(RuntimeError, match="boom"):
-        with atomic_write(path) as f:
-            f.write('{"x": 2, "half')
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), atomic_write(path) as f:
+        f.write('{"x": 2, "half')
+        raise RuntimeError("boom")
     assert json.loads(path.read_text()) == {"x": 1}
     assert sorted(p.name for p in path.parent.iterdir()) == ["f.json"]  # no temporary file left behind
     with atomic_write(path, "wb") as f:
@@ -209,6 +208,9 @@ def test_the_heartbeat_is_refreshed_and_a_taken_over_holder_does_not_delete_the_
 def test_lock_timeout_comes_from_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("DPAI_LOCK_TIMEOUT_S", "42")
     assert RunLock(tmp_path / "x.lock").timeout_s == 42.0 and RunLock(tmp_path / "x.lock", timeout_s=5).timeout_s == 5
+    monkeypatch.setenv("DPAI_LOCK_TIMEOUT_S", "ten minutes")
+    with pytest.raises(ValueError, match="DPAI_LOCK_TIMEOUT_S must be a positive number of seconds; got 'ten minutes'"):
+        RunLock(tmp_path / "x.lock")
 
 
 def _racer(lock_dir: str, trials: int, barrier, results) -> None:
