@@ -26,6 +26,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 import traceback
@@ -211,7 +212,8 @@ def execute_run(run: PlannedRun, paths: Paths, device: str = "auto", threads: in
             if _file_id(record_file) == before:
                 write_record(record_file, {
                     "schema": SCHEMA, "run_id": rid, "labels": labels, "status": status,
-                    "error": f"{type(exc).__name__}: {str(exc)[-2000:]}", "traceback": traceback.format_exc(),
+                    "error": f"{type(exc).__name__}: {str(exc)[-2000:]}",
+                    "traceback": traceback.format_exc() if sys.exc_info()[1] is not None else None,
                     "config": run.config.canonical(), "seed": run.config.seed, "results": {}, "curves": [],
                     "timings": {}, "provenance": {"hostname": socket.gethostname()}})
 
@@ -237,7 +239,13 @@ def execute_run(run: PlannedRun, paths: Paths, device: str = "auto", threads: in
 
             interrupted = isinstance(exc, DeadKernelError) or getattr(exc, "ename", None) == "KeyboardInterrupt"
             record_unless_written("interrupted" if interrupted else "failed", exc)
-        return read_record(record_file, rid)["status"]
+        else:  # a template that ran to its end without recording the run
+            record_unless_written("failed", RuntimeError(f"the notebook ended without writing {record_file}"))
+        try:
+            return read_record(record_file, rid)["status"]
+        except CorruptRecordError as exc:  # written by something else than dpai_lib.store
+            quarantine(record_file, exc)
+            return "failed"
     finally:
         _KERNELS.difference_update(pids)
         lock.release()

@@ -27,7 +27,7 @@ TINY = PIPELINE_TINY | {
     "budgets": {"smoke": {"all": {"train": {"max_test_batches": 1}}}, "short": {}, "paper": {}},
 }
 
-DYING = """---
+TEMPLATE = """---
 jupytext: {text_representation: {extension: .md, format_name: myst, format_version: 0.13}}
 kernelspec: {display_name: Python 3, language: python, name: python3}
 ---
@@ -44,10 +44,11 @@ threads = 0
 ```
 
 ```{code-cell} ipython3
-import os, signal
-os.kill(os.getpid(), signal.SIGKILL)
+BODY
 ```
 """
+DYING = TEMPLATE.replace("BODY", "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)")
+SILENT = TEMPLATE.replace("BODY", "print('no record written')")
 
 
 @pytest.fixture()
@@ -167,6 +168,17 @@ def test_a_kernel_that_dies_leaves_an_interrupted_record_and_a_free_lock(tiny):
     rec = read_record(record_path(run, paths), run_id(run.config))
     assert rec["status"] == "interrupted" and rec["error"].startswith("DeadKernelError")
     assert not lock_path(run, paths).exists() and not is_done(run, paths)
+
+
+def test_a_template_that_ends_without_recording_its_run_leaves_a_failed_record(tiny):
+    params_file, paths = tiny
+    (paths.params.parent / "silent.md").write_text(SILENT)
+    params_file.write_text(yaml.safe_dump(dict(TINY, notebook="silent.md")))
+    [run] = plan(params_file, "smoke", only=parse_only(["method=random", "seed=0"]), stage="prune")
+    assert execute_run(run, paths, "cpu") == "failed"
+    rec = read_record(record_path(run, paths), run_id(run.config))
+    assert rec["error"] == f"RuntimeError: the notebook ended without writing {record_path(run, paths)}"
+    assert rec["traceback"] is None and not lock_path(run, paths).exists()
 
 
 def _children(pid: int) -> list[int]:
