@@ -187,10 +187,12 @@ def status(stage: str = "all", *, paths: Paths | None = None) -> pd.DataFrame:
             groups: dict[tuple[str, str], list] = {}
             for r in plan(paths.params / f"{name}.yaml", budget, stage=stage):
                 rid = run_id(r.config)
-                groups.setdefault((r.setting, r.method), []).append(read(paths.records_dir(budget) / f"{rid}.json", rid) or {})
+                rec = read(paths.records_dir(budget) / f"{rid}.json", rid)
+                groups.setdefault((r.setting, r.method), []).append(rec or {})
             for (setting, method), recs in groups.items():
                 states = [r.get("status", "missing") for r in recs]
-                costs = [r["timings"]["total_s"] for r in recs if r.get("status") == "done" and "total_s" in r["timings"]]
+                costs = [r["timings"]["total_s"] for r in recs
+                         if r.get("status") == "done" and "total_s" in r["timings"]]
                 median = statistics.median(costs) if costs else None
                 todo = len(recs) - states.count("done") - states.count("diverged")
                 rows.append({"artefact": name, "budget": budget, "stage": stage, "setting": setting,

@@ -196,7 +196,8 @@ def check_resume(masks, masks_file: Path, checkpoint: Path) -> None:
     except Exception as exc:  # missing, truncated, not a masks file
         raise ResumeError(f"cannot resume {checkpoint}: its mask file {masks_file} is missing or unreadable "
                           f"({type(exc).__name__}: {exc}); {fix}") from None
-    differ = [n for n in masks if n not in saved or saved[n].shape != masks[n].shape or not torch.equal(saved[n], masks[n])]
+    differ = [n for n in masks
+              if n not in saved or saved[n].shape != masks[n].shape or not torch.equal(saved[n], masks[n])]
     differ += [n for n in saved if n not in masks]
     if differ:
         count = sum(int((saved[n] != masks[n]).sum()) for n in differ if n in saved and n in masks

@@ -146,7 +146,8 @@ def read_record(path: str | os.PathLike, run_id: str | None = None) -> dict[str,
         raw = json.loads(text)
     except json.JSONDecodeError as exc:
         cut = " (truncated?)" if exc.pos >= len(text.rstrip()) or exc.msg.startswith("Unterminated") else ""
-        raise CorruptRecordError(path, f"invalid JSON{cut}: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
+        where = f"line {exc.lineno}, column {exc.colno}"
+        raise CorruptRecordError(path, f"invalid JSON{cut}: {exc.msg} ({where})") from None
     if not isinstance(raw, dict):
         raise CorruptRecordError(path, f"not a JSON object but a {type(raw).__name__}")
     if raw.get("schema") != SCHEMA:
@@ -271,7 +272,8 @@ class RunLock:
             return f"empty or unreadable for {age:.0f} s" if age > self.grace_s else None
         beat = now - max(float(owner.get("heartbeat") or 0), stat.st_mtime)
         if beat > self.timeout_s:
-            return f"heartbeat of {owner.get('host')}:{owner.get('pid')} is {beat:.0f} s old (timeout {self.timeout_s:g} s)"
+            holder = f"{owner.get('host')}:{owner.get('pid')}"
+            return f"heartbeat of {holder} is {beat:.0f} s old (timeout {self.timeout_s:g} s)"
         if owner.get("host") == socket.gethostname():
             pid = owner["pid"]
             if pid == os.getpid():

@@ -113,7 +113,8 @@ def test_a_sweep_killed_ten_times_at_random_loses_repeats_and_corrupts_nothing(t
     assert counts["skipped"] == len(finished) and counts["skipped"] + counts.get("done", 0) == 4, counts
     assert {rid: v for rid, v in _finished(paths, runs).items() if rid in finished} == finished
     # nothing lost, nothing twice, nothing corrupt, no lock left behind
-    assert sorted(p.name for p in paths.smoke_store.iterdir() if not p.name.startswith(".")) == [f"{i}.json" for i in ids]
+    names = sorted(p.name for p in paths.smoke_store.iterdir() if not p.name.startswith("."))
+    assert names == [f"{i}.json" for i in ids]
     assert all(read_record(paths.smoke_store / f"{i}.json", i)["status"] == "done" for i in ids)
     assert [p.name for p in (paths.work / "locks").iterdir()] == []
     print(f"kills with a kernel running: {hits['kernel']}, with a lock held: {hits['lock']}, runs finished "
