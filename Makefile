@@ -16,11 +16,12 @@ MATHJAX_DIR := .cache/mathjax
 MATHJAX := $(MATHJAX_DIR)/static/mathjax/tex-chtml.js
 LAB_OVERRIDES := $(VENV)/share/jupyter/lab/settings/overrides.json
 
-.PHONY: help setup data smoke test bench book book-build lab browser clean
+.PHONY: help setup data smoke lint test bench book book-build lab browser clean
 
 help:
 	@echo "make book    set up, run the smoke tier of artefacts without data, collect, build the book (offline)"
-	@echo "make test    run the test suite (CPU, offline), including the book build and its browser check"
+	@echo "make test    lint, then run the test suite (CPU, offline), including the book build and its browser check"
+	@echo "make lint    ruff and mypy"
 	@echo "make smoke   prune ResNet-20 (random ERK, 90%), train 1 epoch on Fashion-MNIST, print the run record"
 	@echo "make lab     JupyterLab with jupytext: book/ and book/experiments/ .md files open as notebooks"
 	@echo "make bench   trainer throughput benchmark"
@@ -50,7 +51,12 @@ browser:
 	  if command -v apt-get >/dev/null; then $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; \
 	  else echo "no chromium and no apt-get: tests/test_book.py will skip its browser checks"; fi; fi
 
-test: setup data browser
+# ruff (pyproject [tool.ruff]) over the code and tests; mypy over the modules listed in [tool.mypy]
+lint: setup
+	$(BIN)ruff check .
+	$(BIN)mypy
+
+test: setup data browser lint
 	$(PY) -m pytest -q
 
 bench: setup data

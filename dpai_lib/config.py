@@ -197,7 +197,7 @@ def name_problems(raw: Mapping[str, Any], *, runnable: bool = False) -> list[tup
     with ``runnable``, the pruning data that a pruner scoring with data needs. Keys that are absent are not
     judged here (the structural validation says which are required)."""
     from dpai_lib import data as datamod
-    from dpai_lib.models import TORCHVISION_PREFIX, MODELS, list_models
+    from dpai_lib.models import MODELS, TORCHVISION_PREFIX, list_models
     from dpai_lib.pruners import PRUNERS, check_options, list_pruners
 
     problems: list[tuple[str, str]] = []

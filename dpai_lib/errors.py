@@ -20,7 +20,7 @@ class UserError(ValueError):
 
 def suggest(value: Any, allowed: Iterable[Any]) -> str:
     """``" did you mean 'x'?"`` for the allowed value closest to ``value`` (difflib), else ``""``."""
-    by_lower = {}
+    by_lower: dict[str, str] = {}
     for a in map(str, allowed):
         by_lower.setdefault(a.lower(), a)
     close = difflib.get_close_matches(str(value).lower(), list(by_lower), n=1)  # case does not count

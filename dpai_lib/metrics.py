@@ -129,7 +129,7 @@ def _adaptive_sum(pool: nn.Module, x: torch.Tensor) -> torch.Tensor:
 class _Paths:
     """Path counts of the units of one tensor: ``v * exp(s)`` (``s`` a detached 0-d tensor, ``-inf`` if all 0)."""
 
-    __slots__ = ("v", "s")
+    __slots__ = ("s", "v")
 
     def __init__(self, v: torch.Tensor, s: torch.Tensor) -> None:
         self.v, self.s = v, s
@@ -318,7 +318,7 @@ class PathCounter:
             env[node] = step(ctx, *args, **kwargs) if node.op not in ("placeholder", "get_attr") else step(ctx)
             if node.op == "output":
                 outs: list[_Paths] = []
-                fx.node.map_aggregate(env[node], lambda a: outs.append(a) if isinstance(a, _Paths) else a)
+                fx.node.map_aggregate(env[node], lambda a: outs.append(a) if isinstance(a, _Paths) else a)  # noqa: B023
                 if not outs:
                     raise NotImplementedError("exact path counting: the model's output carries no activations")
                 return outs

@@ -79,7 +79,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
     model and the reason when it cannot be traced (data-dependent control flow, for instance)."""
     try:
         graph = _Tracer().trace(model)
-    except Exception as err:  # noqa: BLE001 - any tracing failure means: this model is not supported
+    except Exception as err:
         raise NotImplementedError(
             f"the pruning network needs a torch.fx-traceable model; {type(model).__name__} is not: "
             f"{type(err).__name__}: {err}") from err

@@ -80,7 +80,8 @@ def _batches(
             y = labels[idx.to(labels.device) if order is not None else idx].to(device, non_blocking=True)
             yield (augment(x, data.info, generator) if train else normalize(x, data.info)), y
     else:
-        cpu_gen = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=generator, device=generator.device))) if train else None
+        cpu_gen = (torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=generator, device=generator.device)))
+                   if train else None)
         loader = DataLoader(data, batch_size=batch_size, shuffle=train, generator=cpu_gen, num_workers=num_workers,
                             pin_memory=device.type == "cuda", drop_last=False)
         for x, y in loader:
@@ -97,7 +98,9 @@ def _prepare(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def _autocast(device: torch.device, amp: bool):
-    return torch.autocast(device_type="cuda", dtype=torch.bfloat16) if (amp and device.type == "cuda") else torch.autocast("cpu", enabled=False)
+    if amp and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
 
 
 @torch.no_grad()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -15,7 +14,7 @@ from dpai_lib.pipeline import ROOT, Paths, plan, run_sweep
 from dpai_lib.results import collect
 
 sys.path.insert(0, str(ROOT / "book"))
-import artefact_page as ap  # noqa: E402
+import artefact_page as ap
 
 
 def test_mean_std_formats_one_several_and_non_finite_values():

@@ -333,8 +333,8 @@ def test_grasp_hessian_gradient_product_matches_the_explicit_hessian():
         sizes = [p.numel() for p in params.values()]
 
         def loss(flat):
-            ws = dict(zip(names, (t.view(s) for t, s in zip(flat.split(sizes), shapes))))
-            return sum(F.cross_entropy(torch.func.functional_call(model, ws, (x,)) / temperature, y) for x, y in data)
+            ws = dict(zip(names, (t.view(s) for t, s in zip(flat.split(sizes), shapes))))  # noqa: B023  (used within the iteration)
+            return sum(F.cross_entropy(torch.func.functional_call(model, ws, (x,)) / temperature, y) for x, y in data)  # noqa: B023
 
         flat = torch.cat([p.detach().flatten() for p in params.values()])
         hessian = torch.autograd.functional.hessian(loss, flat)
@@ -369,7 +369,7 @@ def test_prospr_matches_finite_differences_of_the_unrolled_training():
         w = {n: theta[n] * masks[n] if n in masks else theta[n] for n in theta}
         v = {}
         for x, y in data[:-1]:
-            grads = torch.func.grad(lambda ws: F.cross_entropy(torch.func.functional_call(model, ws, (x,)), y))(w)
+            grads = torch.func.grad(lambda ws: F.cross_entropy(torch.func.functional_call(model, ws, (x,)), y))(w)  # noqa: B023
             v = {n: mom * v[n] + grads[n] if n in v else grads[n] for n in w}
             w = {n: w[n] - lr * v[n] for n in w}
         x, y = data[-1]

@@ -4,10 +4,11 @@ import json
 import subprocess
 import sys
 
+import pydantic
 import pytest
 import yaml
-
 from conftest import run_dict
+
 from dpai_lib.config import ConfigError, load_config, validate_config
 from dpai_lib.data import DatasetNotFoundError
 from dpai_lib.runs import execute, load_record, run_id
@@ -50,7 +51,7 @@ def test_yaml_loading_and_frozen(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(run_dict()))
     cfg = load_config(path)
-    with pytest.raises(Exception):
+    with pytest.raises(pydantic.ValidationError, match="frozen"):
         cfg.seed = 3
     with pytest.raises(ConfigError, match="no configuration file"):
         load_config(tmp_path / "missing.yaml")

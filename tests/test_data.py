@@ -165,7 +165,8 @@ def test_get_dataset_agrees_with_load_tensors(name, request):
 def test_normalize():
     info = D.dataset_info("cifar10")
     images = torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8)
-    expected = (images.double() / 255 - torch.tensor(info.mean).view(1, 3, 1, 1).double()) / torch.tensor(info.std).view(1, 3, 1, 1).double()
+    mean, std = torch.tensor(info.mean).view(1, 3, 1, 1).double(), torch.tensor(info.std).view(1, 3, 1, 1).double()
+    expected = (images.double() / 255 - mean) / std
     out = D.normalize(images, info)
     assert out.dtype == torch.float32 and out.shape == images.shape
     assert torch.allclose(out.double(), expected, atol=1e-5)

@@ -12,11 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
+from test_reliability import TINY as RELIABILITY_TINY
+from test_reliability import _children, store_with
 
 from dpai_lib.pipeline import ROOT, Paths, plan, record_path
 from dpai_lib.runs import run_id
 from dpai_lib.store import read_record
-from test_reliability import TINY as RELIABILITY_TINY, _children, store_with
 
 TINY = RELIABILITY_TINY | {  # 4 runs of 3 epochs of one batch: checkpoints to resume from
     "title": "fault injection",

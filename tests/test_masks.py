@@ -79,7 +79,7 @@ def test_apply_and_save_load_round_trip(tmp_path):
     assert all(bool((params[n][~masks[n]] == 0).all()) for n in masks)
     assert Masks.from_weights(model).kept() == masks.kept()  # kaiming weights are never exactly 0
     (tmp_path / "bad.safetensors").write_bytes(b"not a file")
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="bad.safetensors: not a masks file"):
         Masks.load(tmp_path / "bad.safetensors")
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import warnings
 
 import numpy as np
 import pytest
@@ -272,7 +271,7 @@ def test_chunks_cover_every_output_channel_and_split_the_budget_exactly():
         assert [int(r.M[:, a:b].sum()) for a, b in r.chunks] == [
             r.kept * b // c_out - r.kept * a // c_out for a, b in r.chunks]
         assert int(masks[r.name].sum()) == r.kept
-        assert bool((masks[r.name][-1].sum() > 0))  # the trailing output channel is pruned too, not skipped
+        assert bool(masks[r.name][-1].sum() > 0)  # the trailing output channel is pruned too, not skipped
     assert masks.layer_kept() == layer_kept_counts(net, 0.9, "uniform")
 
 

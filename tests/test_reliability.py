@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_pipeline import TINY as PIPELINE_TINY
+from test_pipeline import store_with
 
 from dpai_lib.pipeline import ROOT, execute_run, is_done, lock_path, parse_only, plan, record_path, run_sweep
 from dpai_lib.results import artefact_records, collect, scoreboard, status
 from dpai_lib.runs import run_id
 from dpai_lib.store import SCHEMA, RunLock, read_record, write_record
-from test_pipeline import TINY as PIPELINE_TINY, store_with
 
 # small and quick: 8x8 synthetic images, one training batch of 32; the smoke tier differs from the others
 TINY = PIPELINE_TINY | {

@@ -6,8 +6,7 @@ import math
 import pytest
 
 from dpai_lib import build_model, erk_densities
-from dpai_lib.sparsity import (compression_to_sparsity, kept_count, layer_kept_counts, sparsity_to_compression,
-                               uniform_densities)
+from dpai_lib.sparsity import compression_to_sparsity, kept_count, layer_kept_counts, sparsity_to_compression, uniform_densities
 
 C = (0.5, 1.0, 1.5, 2.0)  # 68.38, 90, 96.84, 99 %
 

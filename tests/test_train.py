@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import train_cfg
 from torch import nn
 
-from conftest import train_cfg
 from dpai_lib import build_model, prunable_parameters, prune, seed_everything, train
 from dpai_lib.data import TensorData
 
@@ -134,8 +134,9 @@ def test_warmup_cosine_schedule_follows_its_formula_per_iteration():
 
 
 def test_adamw_warmup_cosine_training_keeps_masks_and_bad_combinations_are_refused(synthetic):
-    from dpai_lib.config import ConfigError, validate_config
     from conftest import run_dict
+
+    from dpai_lib.config import ConfigError, validate_config
 
     train_set, test_set = (_small(d, 256) for d in synthetic)
     model, masks = _setup()

@@ -245,6 +245,7 @@ def test_unreadable_params_files_are_one_line_errors(tmp_path):
 
 def test_a_run_configuration_names_unknown_names_and_missing_pruning_data(tmp_path):
     from conftest import run_dict
+
     from dpai_lib.config import load_config, validate_config
 
     raw = run_dict(prune={"method": "snip", "sparsity": 0.9, "options": {"budgett": "erk"}}, model={"name": "vgg19"})
@@ -259,3 +260,12 @@ def test_a_run_configuration_names_unknown_names_and_missing_pruning_data(tmp_pa
     with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: prune.data_batches: pruner 'snip' scores weights "
                                           r"with data: set both prune.data_batches and prune.data_batch_size"):
         load_config(path)
+
+
+def test_the_budget_choice_type_lists_every_layerwise_budget():
+    import typing
+
+    from dpai_lib.pruners._select import Budget
+    from dpai_lib.sparsity import LAYERWISE_BUDGETS
+
+    assert set(typing.get_args(Budget)) == set(LAYERWISE_BUDGETS)

@@ -112,7 +112,7 @@ def check_options(method: str, options: Mapping[str, Any]) -> list[tuple[str, st
     return problems
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _option_type(method: str, name: str) -> tuple[pydantic.TypeAdapter | None, str]:
     """A strict validator of the annotated type of option ``name`` of ``method``, and the type in words."""
     try:
@@ -207,7 +207,7 @@ def _input_shape(input_shape: Any) -> tuple[int, ...]:
     what = "one input's shape as positive integers, without the batch dimension, e.g. (3, 32, 32)"
     if not isinstance(input_shape, (tuple, list, torch.Size)):
         raise TypeError(f"input_shape must be {what}; got {short(input_shape)}")
-    if not input_shape or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) and d > 0
+    if not input_shape or not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) and int(d) > 0
                                   for d in input_shape):
         raise ValueError(f"input_shape must be {what}; got {short(input_shape)}")
     return tuple(int(d) for d in input_shape)

@@ -123,7 +123,7 @@ def iter_snip_prune(
     ties: Ties = "exact",
 ) -> Masks:
     masks = None
-    for masks in iter_snip_masks(
+    for masks in iter_snip_masks(  # noqa: B007  (the last round's masks are the result)
         model, sparsity, data, seed=seed, iterations=iterations, schedule=schedule, revival=revival,
         batches_per_iteration=batches_per_iteration, train_mode=train_mode, scope=scope, budget=budget, ties=ties,
     ):

@@ -557,6 +557,22 @@ def _fill_groups(eff: torch.Tensor, grad: torch.Tensor, n_add: int) -> torch.Ten
     return new
 
 
+def _group(t: torch.Tensor, columns: bool) -> torch.Tensor:
+    """A conv weight-shaped tensor as NPB's fine-tune groups: kernels (``C_out*C_in x kernel``) or, for a
+    shortcut, input columns (``C_in x C_out*kernel``)."""
+    c_out, c_in = t.shape[:2]
+    if columns:
+        return t.reshape(c_out, c_in, -1).transpose(0, 1).reshape(c_in, -1)
+    return t.reshape(c_out * c_in, -1)
+
+
+def _ungroup(t: torch.Tensor, shape: torch.Size, columns: bool) -> torch.Tensor:
+    """The inverse of :func:`_group` for a weight of ``shape``."""
+    if columns:
+        return t.reshape(shape[1], shape[0], -1).transpose(0, 1).reshape(shape)
+    return t.reshape(shape)
+
+
 def _fine_tune_release(net: nn.Module, layers: dict[str, nn.Module], order: list[str], shortcuts: set[str],
                        x: torch.Tensor, reports: dict[str, LayerReport]) -> None:
     """variant "release" (NPB's ``fine_tune_mask`` with exact counts): convolutions in forward order; a
@@ -576,20 +592,8 @@ def _fine_tune_release(net: nn.Module, layers: dict[str, nn.Module], order: list
         n_ineff = int(kept.sum()) - int(eff.sum())
         if n_ineff <= 1:  # NPB: `if n_ineff > 1`
             continue
-        c_out, c_in = w.shape[:2]
-        if name in shortcuts:  # groups = input columns (C_in x C_out*kernel)
-            def group(t: torch.Tensor) -> torch.Tensor:
-                return t.reshape(c_out, c_in, -1).transpose(0, 1).reshape(c_in, -1)
-
-            def ungroup(t: torch.Tensor) -> torch.Tensor:
-                return t.reshape(c_in, c_out, -1).transpose(0, 1).reshape(w.shape)
-        else:  # groups = kernels (C_out*C_in x kernel)
-            def group(t: torch.Tensor) -> torch.Tensor:
-                return t.reshape(c_out * c_in, -1)
-
-            def ungroup(t: torch.Tensor) -> torch.Tensor:
-                return t.reshape(w.shape)
-        new = ungroup(_fill_groups(group(eff), group(g), n_ineff))
+        columns = name in shortcuts
+        new = _ungroup(_fill_groups(_group(eff, columns), _group(g, columns), n_ineff), w.shape, columns)
         reports[name].moved = int((new & ~kept).sum())
         if reports[name].moved:
             with torch.no_grad():

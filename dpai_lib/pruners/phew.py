@@ -272,7 +272,7 @@ class _Graph:
             if node.kind == "layer":
                 node.column, column = column, column + 1
         self.n_columns = column
-        for i, node in enumerate(self.nodes):
+        for node in self.nodes:
             if len(node.users) > 1:
                 node.fwd_cum = self._branch_cum([self._weighted_forward(u) for u in node.users], identity_skip)
             if node.kind == "add":

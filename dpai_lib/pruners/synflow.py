@@ -134,7 +134,7 @@ def synflow_prune(
     ties: Ties = "exact",
 ) -> Masks:
     masks = None
-    for masks in synflow_masks(
+    for masks in synflow_masks(  # noqa: B007  (the last round's masks are the result)
         model, sparsity, input_shape, iterations=iterations, schedule=schedule, double=double,
         train_mode=train_mode, scope=scope, budget=budget, ties=ties,
     ):
