@@ -64,13 +64,19 @@ def kernel_counts(mask: torch.Tensor) -> np.ndarray:
     return mask.reshape(mask.shape[0], mask.shape[1], -1).sum(-1).T.numpy().astype(np.int64)
 
 
-def effective_params(model: nn.Module, masks, input_shape) -> int:
-    """Kept weights on at least one input-to-output path (non-zero gradient of the all-ones output)."""
+def masked_path_net(model: nn.Module, masks) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """The path-counting copy of ``model`` with ``masks`` as its prunable weights, and its parameters."""
     net = _path_counting_copy(model)
     params = dict(net.named_parameters())
     with torch.no_grad():
         for name, m in masks.items():
             params[name].copy_(m.to(torch.float64))
+    return net, params
+
+
+def effective_params(model: nn.Module, masks, input_shape) -> int:
+    """Kept weights on at least one input-to-output path (non-zero gradient of the all-ones output)."""
+    net, params = masked_path_net(model, masks)
     ws = [params[n] for n in masks]
     for w in ws:
         w.requires_grad_(True)
@@ -308,11 +314,7 @@ def test_fill_groups_by_hand():
 
 def release_fine_tune_reference(model, raw, order, shortcuts, shape):
     """NPB's fine-tune rule written out with loops (counts kept exact, fresh gradients per layer)."""
-    net = _path_counting_copy(model)
-    params = dict(net.named_parameters())
-    with torch.no_grad():
-        for name, m in raw.items():
-            params[name].copy_(m.to(torch.float64))
+    net, params = masked_path_net(model, raw)
     ws = [params[n] for n in order]
     for idx, name in enumerate(order):
         w = ws[idx]
