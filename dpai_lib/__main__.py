@@ -185,6 +185,8 @@ def _run(args: argparse.Namespace) -> int:
     counts = run_sweep(runs, paths=paths, executor=args.executor, jobs=args.jobs, device=args.device,
                        threads=args.threads, slurm=slurm)
     print(json.dumps(counts))
+    for lock in getattr(counts, "busy_locks", []):  # run_sweep's counts carry them
+        print(f"busy (held by another runner): {lock}", file=sys.stderr)
     return 0 if not counts.get("failed") else 1
 
 
