@@ -8,7 +8,7 @@
   interrupted sweep resumes where it stopped (an interrupted run resumes from its last epoch checkpoint in
   ``runs/work/<run_id>/``, with the masks saved there). Failed, interrupted and unreadable records are
   redone; an unreadable one is first moved aside (``<run_id>.json.corrupt-<time>``) with a warning.
-* A run is claimed with a lock file (``runs/work/locks/<run_id>.lock``, :class:`dpai_lib.store.RunLock`)
+* A run is claimed with a lock file (``locks/<run_id>.lock`` in the work folder ``runs/work``, :class:`dpai_lib.store.RunLock`)
   holding host, pid and a heartbeat, so two runners on one store never run it at once; a lock whose
   process is gone, whose heartbeat stopped, or which is empty and old is taken over atomically.
   Records are written atomically, so none is lost or half-written.
