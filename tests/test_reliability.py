@@ -160,11 +160,17 @@ def test_ctrl_c_inside_execute_run_records_interrupted_releases_the_lock_and_a_l
     assert run_sweep([run], paths=paths, device="cpu", progress=False) == {"skipped": 0, "done": 1}
 
 
-def test_a_kernel_that_dies_leaves_an_interrupted_record_and_a_free_lock(tiny):
+def _run_with_template(tiny, name: str, text: str):
+    """The tiny artefact's random/seed-0 run, its params pointing at a template ``name`` holding ``text``."""
     params_file, paths = tiny
-    (paths.params.parent / "dying.md").write_text(DYING)
-    params_file.write_text(yaml.safe_dump(dict(TINY, notebook="dying.md")))
+    (paths.params.parent / name).write_text(text)
+    params_file.write_text(yaml.safe_dump(dict(TINY, notebook=name)))
     [run] = plan(params_file, "smoke", only=parse_only(["method=random", "seed=0"]), stage="prune")
+    return run, paths
+
+
+def test_a_kernel_that_dies_leaves_an_interrupted_record_and_a_free_lock(tiny):
+    run, paths = _run_with_template(tiny, "dying.md", DYING)
     assert execute_run(run, paths, "cpu") == "interrupted"
     rec = read_record(record_path(run, paths), run_id(run.config))
     assert rec["status"] == "interrupted" and rec["error"].startswith("DeadKernelError")
@@ -172,10 +178,7 @@ def test_a_kernel_that_dies_leaves_an_interrupted_record_and_a_free_lock(tiny):
 
 
 def test_a_template_that_ends_without_recording_its_run_leaves_a_failed_record(tiny):
-    params_file, paths = tiny
-    (paths.params.parent / "silent.md").write_text(SILENT)
-    params_file.write_text(yaml.safe_dump(dict(TINY, notebook="silent.md")))
-    [run] = plan(params_file, "smoke", only=parse_only(["method=random", "seed=0"]), stage="prune")
+    run, paths = _run_with_template(tiny, "silent.md", SILENT)
     assert execute_run(run, paths, "cpu") == "failed"
     rec = read_record(record_path(run, paths), run_id(run.config))
     assert rec["error"] == f"RuntimeError: the notebook ended without writing {record_path(run, paths)}"
