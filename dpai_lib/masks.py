@@ -190,16 +190,16 @@ class Masks(Mapping[str, torch.Tensor]):
     # -- files -------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, metadata: Mapping[str, Any] | None = None) -> Path:
         """Write a safetensors file (atomically); ``metadata`` must be JSON-serialisable."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
+
+        from dpai_lib.store import atomic_write
 
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         meta = {"format": FORMAT, "order": json.dumps(list(self._masks))}
         if metadata:
             meta["user"] = json.dumps(dict(metadata))
-        save_file({n: m.contiguous() for n, m in self._masks.items()}, str(tmp), metadata=meta)
-        os.replace(tmp, path)
+        with atomic_write(path, "wb") as f:
+            f.write(save({n: m.contiguous() for n, m in self._masks.items()}, metadata=meta))
         return path
 
     @classmethod
