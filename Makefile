@@ -64,7 +64,7 @@ bench: setup data
 
 # The smoke tier runs on generated data (no data set needed); a run that already has a record is skipped.
 book: setup
-	$(PY) -m dpai_lib fill --budget smoke --jobs 2
+	$(PY) -m dpai_lib fill --tier smoke --jobs 2
 	$(PY) -m dpai_lib collect
 	$(MAKE) --no-print-directory book-build
 	@echo "The book: open $(abspath $(BOOK_OUT))/_build/html/index.html"

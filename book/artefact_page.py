@@ -1,5 +1,5 @@
 """What the eight artefact pages of the book share: read an artefact's results through
-``dpai_lib.results``, label what is shown by budget tier, device and threads, count finished runs, and put
+``dpai_lib.results``, label what is shown by run tier, device and threads, count finished runs, and put
 the paper's numbers beside ours.
 
 Pages import it from their working folder (``_config.yml``: ``run_in_temp: false``, so pages run in
@@ -30,7 +30,7 @@ SETTING_NAMES = {"resnet20_cifar10": "ResNet-20 / CIFAR-10", "vgg19_cifar100": "
 METHOD_NAMES = {"random": "Random", "snip": "SNIP", "iter_snip": "Iter-SNIP", "synflow": "SynFlow",
                 "phew": "PHEW", "npb": "NPB", "dpai": "DPaI", "dpai_exact": "DPaI (exact count)"}
 METHOD_ORDER = list(METHOD_NAMES)
-TEXT_COLUMNS = {"artefact", "setting", "method", "pruner", "budget", "stage", "dataset", "model", "run_id",
+TEXT_COLUMNS = {"artefact", "setting", "method", "pruner", "tier", "stage", "dataset", "model", "run_id",
                 "status", "error", "device_name", "git_commit"}
 # the paper's metric -> (our column, scale, stage it needs: "all" = trained runs, None = any mask)
 OURS = {"best_test_acc": ("best_test_acc", 100.0, "all"), "final_test_acc": ("final_test_acc", 100.0, "all"),
@@ -56,14 +56,14 @@ def mask_rows(rows: pd.DataFrame) -> pd.DataFrame:
     """One finished row per mask (setting, method, sparsity, seed, tier): a data-free (prune) run where there
     is one, else the trained run, whose masks are the same configuration's."""
     rows = finished(rows).sort_values("stage", key=lambda c: c.map({"prune": 0, "all": 1}))
-    return rows.drop_duplicates(["budget", "setting", "method", "sparsity", "seed"])
+    return rows.drop_duplicates(["tier", "setting", "method", "sparsity", "seed"])
 
 
 def best_tier(rows: pd.DataFrame) -> tuple[pd.DataFrame, str | None]:
-    """The rows of the most faithful budget tier present (paper, then short, then smoke) and its name."""
+    """The rows of the most faithful run tier present (paper, then short, then smoke) and its name."""
     for tier in TIERS:
-        if (rows["budget"] == tier).any():
-            return rows[rows["budget"] == tier], tier
+        if (rows["tier"] == tier).any():
+            return rows[rows["tier"] == tier], tier
     return rows.iloc[0:0], None
 
 
@@ -77,7 +77,7 @@ def where(rows: pd.DataFrame) -> str:
     """Budget tier(s), device and threads of the rows shown; smoke-tier rows carry the warning."""
     if rows.empty:
         return "not yet run"
-    tiers = [t for t in TIERS if (rows["budget"] == t).any()]
+    tiers = [t for t in TIERS if (rows["tier"] == t).any()]
     kinds = rows[["device_name", "torch_threads"]].drop_duplicates().itertuples(index=False)
     text = f"{' + '.join(tiers)} tier; " + "; ".join(device_words(d, t) for d, t in kinds)
     return f"{text}. {SMOKE[0].upper()}{SMOKE[1:]}" if "smoke" in tiers else text
@@ -187,7 +187,7 @@ class ArtefactPage:
         return sorted({float(v) for x in self.artefact.settings.values() for v in x.sparsities})
 
     def status_line(self) -> str:
-        """Runs finished out of those planned, per budget tier and stage (tiers beyond paper only when they ran)."""
+        """Runs finished out of those planned, per run tier and stage (tiers beyond paper only when they ran)."""
         stages = ("prune", "all") if "train" in self.artefact.stages else ("prune",)
         state = {r["run_id"]: r["status"] for r in self.records}
         parts = []
@@ -206,7 +206,7 @@ class ArtefactPage:
         """The failed runs with their errors (nothing when none failed)."""
         failed = in_order(rows[rows["status"] == "failed"], self.setting_order())
         if len(failed):
-            table = failed[["budget", "stage", "setting", "method", "sparsity", "seed", "error"]].copy()
+            table = failed[["tier", "stage", "setting", "method", "sparsity", "seed", "error"]].copy()
             table["sparsity"] = table["sparsity"].map(pct)
             table["error"] = table["error"].astype(str).str.slice(0, 300)
             show(table, "Failed runs (their records hold the full traceback)")

@@ -3,17 +3,19 @@
 * ``train CONFIG.yaml [--records DIR] [--device auto]`` - prune and train one run configuration, write its
   record (``DIR/<run_id>.json``) and print where it is; a finished run is not repeated.
 * ``data fashion_mnist [--data-dir DIR]`` - unpack Debian's Fashion-MNIST into ``DIR/FashionMNIST/raw``.
-* ``run params/X.yaml --budget {smoke,short,paper} [--only key=v1,v2 ...] [--shard i/n] [--stage prune]
+* ``run params/X.yaml --tier {smoke,short,paper} [--only key=v1,v2 ...] [--shard i/n] [--stage prune]
   [--executor local|slurm|submitit-local] [--jobs N]`` - every run of an artefact through its papermill
   template; finished runs are skipped, so a sweep resumes where it stopped.
 * ``collect [ARTEFACT ...]`` - run records -> ``results/<artefact>.csv`` (smoke tier: ``runs/<artefact>.csv``).
-* ``status [--stage prune] [--budget B]`` - expected / done / failed / missing runs and their measured cost.
-* ``fill --budget smoke [--jobs N]`` - run the tier of every artefact whose data is missing (no finished run,
+* ``status [--stage prune] [--tier T]`` - expected / done / failed / missing runs and their measured cost.
+* ``fill --tier smoke [--jobs N]`` - run the tier of every artefact whose data is missing (no finished run,
   data-free or trained, in the short or paper tier): what ``make book`` does before it renders.
 
 A wrong input (a missing or invalid file, an unknown name, a bad option value, an ``--only`` that matches
 nothing) is one line on stderr that names it and what is allowed, and exit status 2; ``--debug`` adds the
-traceback. Ctrl-C prints one line and exits with status 130 (interrupted runs resume when run again).
+traceback. Ctrl-C prints one line and exits with status 130, SIGTERM (``kill``, Slurm pre-emption) likewise
+with status 143; the runs they stop are recorded ``interrupted`` and resume when run again.
+``--budget`` is the former name of ``--tier`` (still accepted, with a warning).
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from dpai_lib.errors import UserError, one_line, suggest
+from dpai_lib.errors import Terminated, UserError, one_line, sigterm_as_interrupt, suggest
 
 INTERRUPTED = 130  # the shell's status for a process stopped by Ctrl-C (128 + SIGINT)
+TERMINATED = 143  # 128 + SIGTERM
 USAGE = 2  # a wrong input: usage, file, name or value
 
 
@@ -41,6 +44,26 @@ class _Parser(argparse.ArgumentParser):
             choices = [c.strip(" '") for c in m.group(2).split(",")]
             message = f"{message};{suggest(m.group(1), choices)}".removesuffix(";")
         self.exit(USAGE, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+
+
+class _FormerTier(argparse.Action):
+    """``--budget``, the former name of ``--tier``: still works, and says it was renamed (a pruner's layer-wise
+    budget, erk or uniform, keeps the name budget)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        print("warning: --budget was renamed --tier (the run tier: smoke, short or paper)", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+TIER_CHOICES = ["smoke", "short", "paper"]
+
+
+def _tier_option(p: argparse.ArgumentParser, default: str | None, help: str) -> None:
+    """``--tier`` (``default`` None and the command's own check when it is required) and the hidden
+    ``--budget``, so that messages name ``--tier`` only."""
+    p.add_argument("--tier", choices=TIER_CHOICES, default=default, help=help)
+    p.add_argument("--budget", dest="tier", action=_FormerTier, choices=TIER_CHOICES, help=argparse.SUPPRESS)
 
 
 def _count(minimum: int) -> Any:
@@ -164,24 +187,26 @@ def _run(args: argparse.Namespace) -> int:
     from dpai_lib.params import load_artefact
     from dpai_lib.pipeline import Paths, parse_only, plan, run_sweep
 
+    if args.tier is None:
+        raise UserError("run: --tier is required: smoke (CPU, offline, minutes), short or paper")
     shard = _shard(args.shard)
     paths, params = Paths.at(), Path(args.params)
     load_artefact(params)  # a missing or invalid file is named before anything else
     _check_params_home(params, paths.params)
     if args.executor == "local":
         _check_local_device(args.device)
-    source = f"{params} in the {args.budget} tier"
-    _check_only(args.only, plan(params, args.budget, stage=args.stage), source)
+    source = f"{params} in the {args.tier} tier"
+    _check_only(args.only, plan(params, args.tier, stage=args.stage), source)
     only = parse_only(args.only)
-    if only and not plan(params, args.budget, only=only, stage=args.stage):
+    if only and not plan(params, args.tier, only=only, stage=args.stage):
         raise UserError(f"--only {' '.join(args.only)}: each value occurs in {source}, but no run has them all")
-    runs = plan(params, args.budget, only=only, shard=shard, stage=args.stage)
+    runs = plan(params, args.tier, only=only, shard=shard, stage=args.stage)
     slurm = {"timeout_min": args.timeout_min}
     if args.executor == "slurm":
         slurm |= {"gpus_per_node": args.gpus_per_job, "slurm_array_parallelism": args.array_parallelism}
         if args.partition:
             slurm["slurm_partition"] = args.partition
-    print(f"{len(runs)} runs planned ({args.budget}, stage {args.stage}, shard {args.shard})")
+    print(f"{len(runs)} runs planned ({args.tier}, stage {args.stage}, shard {args.shard})")
     counts = run_sweep(runs, paths=paths, executor=args.executor, jobs=args.jobs, device=args.device,
                        threads=args.threads, slurm=slurm)
     print(json.dumps(counts))
@@ -209,16 +234,17 @@ def _fill(args: argparse.Namespace) -> int:
 
     _check_local_device(args.device)
     board = scoreboard()
-    paths, total = Paths.at(), {}
+    paths = Paths.at()
+    total: dict[str, int] = {}
     for name in artefacts():
         rows = board[board.artefact == name]
         full = "all" if (rows.stage == "all").any() else "prune"
-        have = rows[rows.budget.isin(["short", "paper"])].finished.max()
+        have = rows[rows.tier.isin(["short", "paper"])].finished.max()
         if have:
             print(f"{name}: has {have} finished runs in the short/paper tiers; nothing to fill")
             continue
-        runs = plan(paths.params / f"{name}.yaml", args.budget, stage=full)  # validates every tier
-        print(f"{name}: no short/paper data; running its {args.budget} tier ({len(runs)} runs)")
+        runs = plan(paths.params / f"{name}.yaml", args.tier, stage=full)  # validates every tier
+        print(f"{name}: no short/paper data; running its {args.tier} tier ({len(runs)} runs)")
         for k, v in run_sweep(runs, paths=paths, jobs=args.jobs, device=args.device).items():
             total[k] = total.get(k, 0) + v
     print(json.dumps(total))
@@ -231,8 +257,8 @@ def _status(args: argparse.Namespace) -> int:
     from dpai_lib.results import status
 
     table = status(stage=args.stage)
-    if args.budget:
-        table = table[table["budget"] == args.budget]
+    if args.tier:
+        table = table[table["tier"] == args.tier]
     with pd.option_context("display.max_rows", None, "display.width", 200):
         print(table.to_string(index=False))
     return 0
@@ -269,7 +295,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)  # --debug after the command, too
+    common = _Parser(add_help=False)  # --debug after the command, too
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show the traceback of an error")
     parser = _Parser(prog="python -m dpai_lib", description=__doc__.split("\n\n")[0])
@@ -288,7 +314,7 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_data)
     p = sub.add_parser("run", help="execute every run of an artefact's params file", parents=[common])
     p.add_argument("params", help="params file, e.g. params/fig1_main.yaml")
-    p.add_argument("--budget", required=True, choices=["smoke", "short", "paper"], help="budget tier")
+    _tier_option(p, None, help="run tier (required): smoke (CPU, offline, minutes), short or paper")
     p.add_argument("--only", nargs="*", default=[], metavar="KEY=V1,V2",
                    help="keep runs whose setting/method/sparsity/seed/model/dataset is one of the values")
     p.add_argument("--shard", default="0/1", help="run only share i of n (runs[i::n]), e.g. 0/4")
@@ -310,14 +336,14 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_collect)
     p = sub.add_parser("status", help="expected / done / failed / missing runs per artefact", parents=[common])
     p.add_argument("--stage", default="all", choices=["all", "prune"])
-    p.add_argument("--budget", default=None, choices=["smoke", "short", "paper"])
+    _tier_option(p, None, help="only this run tier")
     p.set_defaults(func=_status)
     p = sub.add_parser("stale", help="list (or delete) records that no current grid plans: made with an older "
                        "pruner or model version, or from a grid that changed", parents=[common])
     p.add_argument("--delete", action="store_true", help="delete them")
     p.set_defaults(func=_stale)
     p = sub.add_parser("fill", help="run a tier of every artefact that has no short/paper data yet", parents=[common])
-    p.add_argument("--budget", default="smoke", choices=["smoke", "short", "paper"], help="budget tier (default smoke)")
+    _tier_option(p, "smoke", help="run tier (default smoke)")
     p.add_argument("--jobs", type=_count(1), default=1, help="local runs at a time")
     p.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda or cuda:N")
     p.set_defaults(func=_fill)
@@ -326,19 +352,21 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns the exit status: 0 done, 1 some run failed or an internal error, 2 a wrong
-    input (one line on stderr), 130 interrupted by Ctrl-C."""
+    input (one line on stderr), 130 interrupted by Ctrl-C, 143 terminated by SIGTERM."""
     try:
         args = _parser().parse_args(argv)
     except SystemExit as done:  # --help, or a usage error already printed as one line
         return done.code if isinstance(done.code, int) else USAGE
     try:
-        return args.func(args)
-    except KeyboardInterrupt:
+        with sigterm_as_interrupt():
+            return args.func(args)
+    except KeyboardInterrupt as stop:
         if args.debug:
             traceback.print_exc()
-        print("interrupted (Ctrl-C): finished runs are kept; interrupted ones are recorded as such and resume "
-              "when the command is run again", file=sys.stderr)
-        return INTERRUPTED
+        how = "terminated (SIGTERM)" if isinstance(stop, Terminated) else "interrupted (Ctrl-C)"
+        print(f"{how}: finished runs are kept; interrupted ones are recorded as such and resume when the command "
+              "is run again", file=sys.stderr)
+        return TERMINATED if isinstance(stop, Terminated) else INTERRUPTED
     except _user_errors() as err:
         if args.debug:
             traceback.print_exc()

@@ -8,14 +8,41 @@ status 2; any other exception is an internal error (status 1). Library errors th
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import signal
 import sys
-from collections.abc import Iterable
+import threading
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 
 class UserError(ValueError):
     """A bad input the user can fix; the message is one line naming it, the allowed values and a close match."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a Slurm pre-emption or time limit, a container stop) seen as an interruption: every
+    ``except KeyboardInterrupt`` that records a run ``interrupted``, stops a sweep and releases its locks
+    handles it too, so a terminated run is recorded and resumed instead of leaving a lock to go stale."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While active (in the main thread; elsewhere it does nothing), SIGTERM raises :class:`Terminated` in
+    the main thread; the previous handler comes back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated(f"terminated by signal {signum} (SIGTERM)")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def suggest(value: Any, allowed: Iterable[Any]) -> str:

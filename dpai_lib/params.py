@@ -3,7 +3,8 @@
 A params file is the only home of an artefact's hyper-parameters. It names the paper artefact, the
 experiment template that runs it, the shared configuration (``base``), the network / data-set settings,
 the pruners with their hyper-parameters, the grid (methods x sparsities x seeds per setting) and the
-budget tiers:
+run tiers (``tiers:``, formerly ``budgets:``; "budget" now means only a pruner's layer-wise budget,
+``erk`` or ``uniform``):
 
 * ``smoke`` - CPU, offline data, a few batches and few pruning steps: for tests and laptops;
 * ``short`` - a reduced training schedule on the real data;
@@ -22,17 +23,18 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 from pydantic import Field, PrivateAttr, ValidationError
 
 from dpai_lib.config import ConfigError, RunConfig, StrictModel, _describe, _joined, config_problems, read_yaml, validate_config
 from dpai_lib.errors import suggest, unknown
 
-BUDGETS = ("smoke", "short", "paper")
+TierName = Literal["smoke", "short", "paper"]
+TIERS: tuple[TierName, ...] = ("smoke", "short", "paper")
 
 
-class Budget(StrictModel):
+class Tier(StrictModel):
     all: dict[str, Any] = Field(default_factory=dict, description="overrides merged into every run")
     methods: dict[str, dict[str, Any]] = Field(default_factory=dict, description="pruner name -> prune.options overrides")
     settings: dict[str, dict[str, Any]] = Field(default_factory=dict, description="setting name -> overrides")
@@ -64,7 +66,7 @@ class Artefact(StrictModel):
         description="method name -> its hyper-parameters (prune.options); a method named other than its pruner "
         "(a variant, e.g. dpai_a0.5_b0.5) gives the registered pruner under the key 'pruner'")
     settings: dict[str, Setting]
-    budgets: dict[Literal["smoke", "short", "paper"], Budget]
+    tiers: dict[TierName, Tier]
 
     _source: str = PrivateAttr("")  # the file it was read from, for messages
     _runs: dict[str, list[PlannedRun]] = PrivateAttr(default_factory=dict)  # expand() per tier, validated
@@ -79,12 +81,12 @@ def _keep(values: list, allowed: list | None) -> list:
 
 @dataclass(frozen=True)
 class PlannedRun:
-    """One run of an artefact: its setting, method, budget and validated configuration."""
+    """One run of an artefact: its setting, method, tier and validated configuration."""
 
     artefact: str
     setting: str
     method: str
-    budget: str
+    tier: str
     config: RunConfig
 
 
@@ -126,8 +128,11 @@ _LOADED: dict[tuple[str, bytes], Artefact] = {}  # (path as given, content) -> v
 def _load(path: Path) -> Artefact:
     raw = read_yaml(path, "params file")
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of keys to values (artefact, title, ..., budgets), got "
+        raise ConfigError(f"{path}: expected a mapping of keys to values (artefact, title, ..., tiers), got "
                           f"{'an empty file' if raw is None else type(raw).__name__}")
+    if "budgets" in raw:
+        raise ConfigError(f"{path}: budgets: renamed to 'tiers' (the run tiers smoke, short, paper); rename the key "
+                          f"(a pruner's layer-wise budget, erk or uniform, keeps the name 'budget')")
     try:
         art = Artefact.model_validate(raw)
     except ValidationError as exc:
@@ -138,8 +143,8 @@ def _load(path: Path) -> Artefact:
     if problems:
         raise ConfigError(_joined(str(path), problems))
     art._source = str(path)
-    for budget in BUDGETS:
-        art._runs[budget] = _expand(art, budget)
+    for tier in TIERS:
+        art._runs[tier] = _expand(art, tier)
     return art
 
 
@@ -149,9 +154,9 @@ def _problems(art: Artefact) -> list[tuple[str, str]]:
     from dpai_lib.pruners import check_options, list_pruners
 
     problems: list[tuple[str, str]] = []
-    missing = [b for b in BUDGETS if b not in art.budgets]
+    missing = [t for t in TIERS if t not in art.tiers]
     if missing:
-        problems.append(("budgets", f"every tier ({', '.join(BUDGETS)}) must be defined, even as {{}}; missing "
+        problems.append(("tiers", f"every tier ({', '.join(TIERS)}) must be defined, even as {{}}; missing "
                                     f"{', '.join(missing)}"))
     pruners: dict[str, str] = {}  # method -> its registered pruner
     for method, options in art.methods.items():
@@ -173,9 +178,9 @@ def _problems(art: Artefact) -> list[tuple[str, str]]:
                 pruners[method], {k: v for k, v in options.items() if k != "pruner"}))
 
     partials = [("base", art.base)] + [(f"settings.{s}.config", st.config) for s, st in art.settings.items()]
-    for tier, budget in art.budgets.items():
-        partials += [(f"budgets.{tier}.all", budget.all)]
-        partials += [(f"budgets.{tier}.settings.{s}", over) for s, over in budget.settings.items()]
+    for tname, tier in art.tiers.items():
+        partials += [(f"tiers.{tname}.all", tier.all)]
+        partials += [(f"tiers.{tname}.settings.{s}", over) for s, over in tier.settings.items()]
     for where, partial in partials:
         problems += [(f"{where}.{k}", m) for k, m in config_problems(partial, partial=True)]
     for where, partial in partials[:1 + len(art.settings)]:  # the grid sets these for every run
@@ -194,38 +199,38 @@ def _problems(art: Artefact) -> list[tuple[str, str]]:
                 problems.append((f"settings.{name}.method_options.{method}", unknown("method", method, art.methods)))
             else:
                 overrides(f"settings.{name}.method_options.{method}", method, options)
-    for tier, budget in art.budgets.items():
-        for name in budget.settings:
+    for tname, tier in art.tiers.items():
+        for name in tier.settings:
             if name not in art.settings:
-                problems.append((f"budgets.{tier}.settings.{name}", unknown("setting", name, art.settings)))
-        for method, options in budget.methods.items():
+                problems.append((f"tiers.{tname}.settings.{name}", unknown("setting", name, art.settings)))
+        for method, options in tier.methods.items():
             if method not in art.methods:
-                problems.append((f"budgets.{tier}.methods.{method}", unknown("method", method, art.methods)))
+                problems.append((f"tiers.{tname}.methods.{method}", unknown("method", method, art.methods)))
             else:
-                overrides(f"budgets.{tier}.methods.{method}", method, options)
-        for key, keep in (("seeds", budget.seeds), ("sparsities", budget.sparsities)):
+                overrides(f"tiers.{tname}.methods.{method}", method, options)
+        for key, keep in (("seeds", tier.seeds), ("sparsities", tier.sparsities)):
             empty = [name for name, setting in art.settings.items() if not _keep(getattr(setting, key), keep)]
             if empty:
-                problems.append((f"budgets.{tier}.{key}", f"budget {tier!r} keeps no seed or no sparsity of setting "
+                problems.append((f"tiers.{tname}.{key}", f"tier {tname!r} keeps no seed or no sparsity of setting "
                                  f"{', '.join(map(repr, empty))} (this tier keeps {key} {keep}; the setting has "
                                  f"{getattr(art.settings[empty[0]], key)})"))
     return problems
 
 
-def expand(art: Artefact, budget: str) -> list[PlannedRun]:
-    """Every run of ``art`` under ``budget``, validated, in a stable order (setting, method, sparsity, seed)."""
-    if budget not in BUDGETS:
-        raise ConfigError(f"unknown budget {budget!r};{suggest(budget, BUDGETS)} allowed: {', '.join(BUDGETS)}")
-    if budget not in art._runs:  # an Artefact built without load_artefact
+def expand(art: Artefact, tier: str) -> list[PlannedRun]:
+    """Every run of ``art`` in ``tier``, validated, in a stable order (setting, method, sparsity, seed)."""
+    if tier not in TIERS:
+        raise ConfigError(f"unknown tier {tier!r};{suggest(tier, TIERS)} allowed: {', '.join(TIERS)}")
+    if tier not in art._runs:  # an Artefact built without load_artefact
         problems = _problems(art)
         if problems:
             raise ConfigError(_joined(art._source or art.artefact, problems))
-        art._runs[budget] = _expand(art, budget)
-    return list(art._runs[budget])
+        art._runs[tier] = _expand(art, tier)
+    return list(art._runs[tier])
 
 
-def _expand(art: Artefact, budget: str) -> list[PlannedRun]:
-    tier = art.budgets[budget]
+def _expand(art: Artefact, tier_name: str) -> list[PlannedRun]:
+    tier = art.tiers[cast(TierName, tier_name)]  # expand() checked the name
     source = art._source or art.artefact
     runs = []
     for sname, setting in art.settings.items():
@@ -241,8 +246,8 @@ def _expand(art: Artefact, budget: str) -> list[PlannedRun]:
                                                                     "options": opts}})
                     raw = deep_merge(raw, tier.all)
                     raw = deep_merge(raw, tier.settings.get(sname, {}))
-                    where = (f"{source}: the run of budgets.{budget}, settings.{sname}, methods.{method}, "
+                    where = (f"{source}: the run of tiers.{tier_name}, settings.{sname}, methods.{method}, "
                              f"sparsity {sparsity}, seed {seed}")
-                    runs.append(PlannedRun(art.artefact, sname, method, budget,
+                    runs.append(PlannedRun(art.artefact, sname, method, tier_name,
                                            validate_config(raw, where, runnable=True)))
     return runs

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dpai_lib.errors import sigterm_as_interrupt
 from dpai_lib.params import PlannedRun, expand, load_artefact
 from dpai_lib.runs import run_id
 from dpai_lib.store import FINISHED, SCHEMA, CorruptRecordError, RunLock, quarantine, read_record, write_record
@@ -79,9 +80,9 @@ class Paths:
         raise FileNotFoundError(f"experiment template {str(notebook)!r} not found; looked in "
                                 f"{', '.join(str(c) for c in candidates)}")
 
-    def records_dir(self, budget: str) -> Path:
-        """Where records of a budget tier live: smoke runs are kept apart from the committed results."""
-        return self.smoke_store if budget == "smoke" else self.store
+    def records_dir(self, tier: str) -> Path:
+        """Where records of a run tier live: smoke runs are kept apart from the committed results."""
+        return self.smoke_store if tier == "smoke" else self.store
 
 
 def _matches(run: PlannedRun, only: dict[str, list[str]]) -> bool:
@@ -108,24 +109,24 @@ def parse_only(items: Iterable[str]) -> dict[str, list[str]]:
     return out
 
 
-def plan(params: str | os.PathLike, budget: str, *, only: dict[str, list[str]] | None = None,
+def plan(params: str | os.PathLike, tier: str, *, only: dict[str, list[str]] | None = None,
          shard: tuple[int, int] = (0, 1), stage: str = "all") -> list[PlannedRun]:
-    """The runs of a params file under a budget, filtered, this shard's share (``runs[i::n]``).
+    """The runs of a params file in a tier (smoke, short, paper), filtered, this shard's share (``runs[i::n]``).
     ``stage="prune"`` drops training (prune and measure only: the data-free part of an artefact)."""
     i, n = shard
     if not (n >= 1 and 0 <= i < n):
         raise ValueError(f"--shard must be i/n with 0 <= i < n; got {i}/{n}")
     if stage not in ("all", "prune"):
         raise ValueError(f"stage must be 'all' or 'prune'; got {stage!r}")
-    runs = [r for r in expand(load_artefact(params), budget) if _matches(r, only or {})]
+    runs = [r for r in expand(load_artefact(params), tier) if _matches(r, only or {})]
     if stage == "prune":
-        runs = [PlannedRun(r.artefact, r.setting, r.method, r.budget, r.config.model_copy(update={"train": None}))
+        runs = [PlannedRun(r.artefact, r.setting, r.method, r.tier, r.config.model_copy(update={"train": None}))
                 for r in runs]
     return runs[i::n]
 
 
 def record_path(run: PlannedRun, paths: Paths) -> Path:
-    return paths.records_dir(run.budget) / f"{run_id(run.config)}.json"
+    return paths.records_dir(run.tier) / f"{run_id(run.config)}.json"
 
 
 def lock_path(run: PlannedRun, paths: Paths) -> Path:
@@ -161,7 +162,7 @@ def _tracking_kernel_manager(pids: list[int]) -> type:
     from jupyter_client import AsyncKernelManager
 
     class TrackingKernelManager(AsyncKernelManager):
-        async def start_kernel(self, **kw: Any) -> None:
+        async def start_kernel(self, **kw: Any) -> None:  # type: ignore[override]  # the base's is typed sync
             await super().start_kernel(**kw)
             pid = getattr(self.provisioner, "pid", None)
             if pid:
@@ -205,7 +206,7 @@ def execute_run(run: PlannedRun, paths: Paths, device: str = "auto", threads: in
         except CorruptRecordError as exc:
             quarantine(record_file, exc)
         before = _file_id(record_file)
-        labels = {"artefact": run.artefact, "setting": run.setting, "method": run.method, "budget": run.budget}
+        labels = {"artefact": run.artefact, "setting": run.setting, "method": run.method, "tier": run.tier}
 
         def record_unless_written(status: str, exc: BaseException) -> None:
             """The notebook writes its own record when it can; this covers a notebook that never did."""
@@ -228,7 +229,7 @@ def execute_run(run: PlannedRun, paths: Paths, device: str = "auto", threads: in
                 notebook, str(log_file), kernel_name="python3", cwd=str(ROOT), progress_bar=False,
                 kernel_manager_class=_tracking_kernel_manager(pids),
                 parameters={"config_json": json.dumps(run.config.canonical()),
-                            "records_dir": str(paths.records_dir(run.budget)), "work_dir": str(paths.work),
+                            "records_dir": str(paths.records_dir(run.tier)), "work_dir": str(paths.work),
                             "labels_json": json.dumps(labels), "device": device, "threads": threads})
         except KeyboardInterrupt as exc:
             _signal_kernels(signal.SIGKILL, pids)  # its kernel stops with it
@@ -282,7 +283,8 @@ def run_sweep(runs: list[PlannedRun], *, paths: Paths | None = None, executor: s
     several runners share one machine, so that they do not oversubscribe its cores. ``lock_timeout_s``:
     seconds without a heartbeat after which another runner's lock is stale (default
     ``$DPAI_LOCK_TIMEOUT_S`` or 600). Ctrl-C interrupts the running kernels (their records say
-    ``interrupted``), starts nothing more, releases the locks and re-raises ``KeyboardInterrupt``."""
+    ``interrupted``), starts nothing more, releases the locks and re-raises ``KeyboardInterrupt``; SIGTERM
+    does the same (called from the main thread) and raises :class:`~dpai_lib.errors.Terminated`."""
     from tqdm import tqdm
 
     paths = paths or Paths.at()
@@ -312,11 +314,13 @@ def run_sweep(runs: list[PlannedRun], *, paths: Paths | None = None, executor: s
                         owner.get("host", "?"), owner.get("pid", "?"))
 
     if executor == "local":
-        _sweep_local(todo, paths, jobs, device, threads, lock_timeout_s, count, progress)
+        with sigterm_as_interrupt():
+            _sweep_local(todo, paths, jobs, device, threads, lock_timeout_s, count, progress)
         return counts
     import submitit
 
     folder = paths.work / "submitit"
+    ex: submitit.AutoExecutor | submitit.LocalExecutor
     if executor == "slurm":
         ex = submitit.AutoExecutor(folder=str(folder), cluster="slurm")
     else:

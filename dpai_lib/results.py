@@ -1,7 +1,7 @@
 """Run records -> one tidy CSV per artefact, and the status of every artefact (expected/done/failed/missing).
 
 Columns of ``results/<artefact>.csv`` (one row per record; see :data:`COLUMNS`): the labels (setting,
-method, budget), the configuration (dataset, model, sparsity, seed, stage), the status, the masks'
+method, tier), the configuration (dataset, model, sparsity, seed, stage), the status, the masks'
 effective paths / nodes / kernels / params in our exact definition and in the DPaI release's, the
 pruning time, accuracies, and where the run was made (device, threads, commit).
 
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from dpai_lib.params import BUDGETS, PlannedRun, load_artefact
+from dpai_lib.params import TIERS, PlannedRun, load_artefact
 from dpai_lib.runs import run_id
 from dpai_lib.store import CorruptRecordError, atomic_write, read_record
 
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 CORRUPT = {"status": "corrupt"}  # what read() gives for an unreadable record
 
 COLUMNS = [
-    "artefact", "setting", "method", "pruner", "budget", "stage", "dataset", "model", "sparsity", "seed", "run_id",
+    "artefact", "setting", "method", "pruner", "tier", "stage", "dataset", "model", "sparsity", "seed", "run_id",
     "status", "error", "log_paths", "nodes", "kernels", "params", "log_paths_dpai", "nodes_dpai",
     "kernels_dpai", "params_dpai", "kept", "collapsed_layers", "prune_s", "train_s", "total_s",
     "final_test_acc", "best_test_acc", "epochs_run", "device_name", "torch_threads", "git_commit",
@@ -46,7 +46,7 @@ def record_row(artefact: str, rec: dict[str, Any]) -> dict[str, Any]:
     return {
         "artefact": artefact, "setting": lab.get("setting"), "method": lab.get("method", cfg["prune"]["method"]),
         "pruner": cfg["prune"]["method"],
-        "budget": lab.get("budget"), "stage": "prune" if cfg.get("train") is None else "all",
+        "tier": lab.get("tier"), "stage": "prune" if cfg.get("train") is None else "all",
         "dataset": cfg["data"]["name"], "model": cfg["model"]["name"], "sparsity": cfg["prune"]["sparsity"],
         "seed": cfg["seed"], "run_id": rec["run_id"], "status": rec["status"], "error": rec.get("error"),
         "log_paths": exact.get("log_paths"), "nodes": exact.get("nodes"), "kernels": exact.get("kernels"),
@@ -79,7 +79,7 @@ def _paths(paths: Paths | None) -> Paths:
 
 
 def artefact_runs(artefact: str, *, paths: Paths | None = None) -> list[PlannedRun]:
-    """Every planned run of an artefact: each budget tier (paper first), the full runs and their data-free
+    """Every planned run of an artefact: each run tier (paper first), the full runs and their data-free
     (prune-only) part; a configuration that several tiers or stages share is listed once, under the first."""
     from dpai_lib.pipeline import plan
 
@@ -88,9 +88,9 @@ def artefact_runs(artefact: str, *, paths: Paths | None = None) -> list[PlannedR
     stages = ("all", "prune") if "train" in art.stages else ("prune",)
     seen: set[str] = set()
     runs = []
-    for budget in reversed(BUDGETS):
+    for tier in reversed(TIERS):
         for stage in stages:
-            for r in plan(params_dir / f"{artefact}.yaml", budget, stage=stage):
+            for r in plan(params_dir / f"{artefact}.yaml", tier, stage=stage):
                 rid = run_id(r.config)
                 if rid not in seen:
                     seen.add(rid)
@@ -98,29 +98,29 @@ def artefact_runs(artefact: str, *, paths: Paths | None = None) -> list[PlannedR
     return runs
 
 
-def artefact_records(artefact: str, budget: str | None = None, stage: str | None = None, *,
+def artefact_records(artefact: str, tier: str | None = None, stage: str | None = None, *,
                      paths: Paths | None = None) -> list[dict[str, Any]]:
     """The run records of an artefact's planned runs that exist in the store, with ``labels`` set to this
-    artefact's (setting, method, budget) - a record shared with another artefact keeps its own labels on
-    disk. ``budget`` (smoke|short|paper) and ``stage`` (prune|all) filter. An unreadable record is skipped
+    artefact's (setting, method, tier) - a record shared with another artefact keeps its own labels on
+    disk. ``tier`` (smoke|short|paper) and ``stage`` (prune|all) filter. An unreadable record is skipped
     with a warning naming it."""
     paths = _paths(paths)
     out = []
     for r in artefact_runs(artefact, paths=paths):
         run_stage = "prune" if r.config.train is None else "all"
-        if (budget is not None and r.budget != budget) or (stage is not None and run_stage != stage):
+        if (tier is not None and r.tier != tier) or (stage is not None and run_stage != stage):
             continue
         rid = run_id(r.config)
-        rec = read(paths.records_dir(r.budget) / f"{rid}.json", rid)
+        rec = read(paths.records_dir(r.tier) / f"{rid}.json", rid)
         if rec is None or rec is CORRUPT:
             continue
-        rec["labels"] = {"artefact": artefact, "setting": r.setting, "method": r.method, "budget": r.budget}
+        rec["labels"] = {"artefact": artefact, "setting": r.setting, "method": r.method, "tier": r.tier}
         out.append(rec)
     return out
 
 
-def _table_path(artefact: str, budget: str, paths: Paths) -> Path:
-    return paths.records_dir(budget).parent / f"{artefact}.csv"
+def _table_path(artefact: str, tier: str, paths: Paths) -> Path:
+    return paths.records_dir(tier).parent / f"{artefact}.csv"
 
 
 def collect(artefact: str, *, paths: Paths | None = None) -> list[Path]:
@@ -131,12 +131,12 @@ def collect(artefact: str, *, paths: Paths | None = None) -> list[Path]:
     recs = artefact_records(artefact, paths=paths)
     out = []
     for smoke in (False, True):
-        rows = [record_row(artefact, r) for r in recs if (r["labels"]["budget"] == "smoke") == smoke]
+        rows = [record_row(artefact, r) for r in recs if (r["labels"]["tier"] == "smoke") == smoke]
         path = _table_path(artefact, "smoke" if smoke else "paper", paths)
         if smoke and not rows:
             path.unlink(missing_ok=True)
             continue
-        df = pd.DataFrame(rows, columns=COLUMNS).sort_values(["setting", "method", "sparsity", "seed", "stage", "budget"])
+        df = pd.DataFrame(rows, columns=COLUMNS).sort_values(["setting", "method", "sparsity", "seed", "stage", "tier"])
         with atomic_write(path) as f:
             df.to_csv(f, index=False)
         out.append(path)
@@ -150,9 +150,10 @@ def artefacts(paths: Paths | None = None) -> list[str]:
 
 def load_table(artefact: str, *, smoke: bool = True, paths: Paths | None = None) -> pd.DataFrame:
     """The artefact's collected results: ``results/<artefact>.csv`` and, with ``smoke``, the local smoke-tier
-    rows (``budget == "smoke"``: offline stand-in data); an empty frame with :data:`COLUMNS` if none."""
+    rows (``tier == "smoke"``: offline stand-in data); an empty frame with :data:`COLUMNS` if none. A table
+    collected before the rename has its ``budget`` column read as ``tier``."""
     paths = _paths(paths)
-    parts = [pd.read_csv(p) for p in [_table_path(artefact, "paper", paths)]
+    parts = [pd.read_csv(p).rename(columns={"budget": "tier"}) for p in [_table_path(artefact, "paper", paths)]
              + ([_table_path(artefact, "smoke", paths)] if smoke else []) if p.exists()]
     parts = [p for p in parts if len(p)]
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=COLUMNS)
@@ -174,7 +175,7 @@ def load_paper(artefact: str, *, paths: Paths | None = None) -> pd.DataFrame:
 
 
 def status(stage: str = "all", *, paths: Paths | None = None) -> pd.DataFrame:
-    """Expected / done / diverged / failed / corrupt / missing runs per artefact, budget, setting and method,
+    """Expected / done / diverged / failed / corrupt / missing runs per artefact, tier, setting and method,
     with the measured median cost (total seconds) of the finished runs and the estimated hours of the
     unfinished ones. ``corrupt`` counts unreadable records (each named in a warning; ``run`` redoes them);
     ``missing`` counts runs without a record, or with one of an interrupted run."""
@@ -183,11 +184,11 @@ def status(stage: str = "all", *, paths: Paths | None = None) -> pd.DataFrame:
     paths = _paths(paths)
     rows = []
     for name in artefacts(paths):
-        for budget in BUDGETS:
+        for tier in TIERS:
             groups: dict[tuple[str, str], list] = {}
-            for r in plan(paths.params / f"{name}.yaml", budget, stage=stage):
+            for r in plan(paths.params / f"{name}.yaml", tier, stage=stage):
                 rid = run_id(r.config)
-                rec = read(paths.records_dir(budget) / f"{rid}.json", rid)
+                rec = read(paths.records_dir(tier) / f"{rid}.json", rid)
                 groups.setdefault((r.setting, r.method), []).append(rec or {})
             for (setting, method), recs in groups.items():
                 states = [r.get("status", "missing") for r in recs]
@@ -195,7 +196,7 @@ def status(stage: str = "all", *, paths: Paths | None = None) -> pd.DataFrame:
                          if r.get("status") == "done" and "total_s" in r["timings"]]
                 median = statistics.median(costs) if costs else None
                 todo = len(recs) - states.count("done") - states.count("diverged")
-                rows.append({"artefact": name, "budget": budget, "stage": stage, "setting": setting,
+                rows.append({"artefact": name, "tier": tier, "stage": stage, "setting": setting,
                              "method": method, "expected": len(recs), "done": states.count("done"),
                              "diverged": states.count("diverged"), "failed": states.count("failed"),
                              "corrupt": states.count("corrupt"),
@@ -211,12 +212,12 @@ def stale_records(*, paths: Paths | None = None) -> list[Path]:
     changed since. They are never read by ``collect``; ``python -m dpai_lib stale --delete`` removes them."""
     paths = _paths(paths)
     current = {run_id(r.config) for name in artefacts(paths) for r in artefact_runs(name, paths=paths)
-               if r.budget != "smoke"}
+               if r.tier != "smoke"}
     return sorted(p for p in paths.store.glob("*.json") if p.stem not in current)
 
 
 def scoreboard(*, paths: Paths | None = None) -> pd.DataFrame:
-    """Per artefact, budget tier and stage (``prune``: the data-free masks; ``all``: pruned and trained,
+    """Per artefact, run tier and stage (``prune``: the data-free masks; ``all``: pruned and trained,
     only for artefacts that train): expected and finished runs and a state, ``complete`` / ``partial`` /
     ``not run``."""
     paths = _paths(paths)
@@ -224,12 +225,12 @@ def scoreboard(*, paths: Paths | None = None) -> pd.DataFrame:
     rows = []
     for name in artefacts(paths):
         trains = "train" in load_artefact(paths.params / f"{name}.yaml").stages
-        for budget in BUDGETS:
+        for tier in TIERS:
             for stage in ("prune", "all") if trains else ("prune",):
-                part = table[(table.artefact == name) & (table.budget == budget) & (table.stage == stage)]
+                part = table[(table.artefact == name) & (table.tier == tier) & (table.stage == stage)]
                 expected, finished = int(part.expected.sum()), int(part.done.sum() + part.diverged.sum())
                 state = "complete" if finished == expected else "partial" if finished else "not run"
-                rows.append({"artefact": name, "budget": budget, "stage": stage, "expected": expected,
+                rows.append({"artefact": name, "tier": tier, "stage": stage, "expected": expected,
                              "finished": finished, "failed": int(part.failed.sum()),
                              "corrupt": int(part.corrupt.sum()), "state": state})
     return pd.DataFrame(rows)

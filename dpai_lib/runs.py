@@ -101,7 +101,7 @@ def execute(
 
     A finished record is returned as it is (the run is not repeated). Checkpoints and the mask file go to
     ``work_dir/<run_id>/`` (default ``records_dir/work``), so an interrupted run resumes. ``labels``
-    (e.g. artefact, setting, method, budget) are stored with the record. A run that
+    (e.g. artefact, setting, method, tier) are stored with the record. A run that
     raises is recorded with ``status: "failed"`` (``"interrupted"`` for Ctrl-C) and its error, then the exception propagates.
     """
     from dpai_lib import data as datamod
@@ -158,6 +158,7 @@ def execute(
             record["timings"].update(finished=_now(), total_s=time.perf_counter() - t_start)
             write_record(path, record)
             return path, record
+        assert train_set is not None and test_set is not None  # loaded above whenever config.train is set
         result = train(model, masks, train_set, test_set, config.train, seed=config.seed, device=dev,
                        checkpoint_path=work / "checkpoint.pt", progress=progress, num_workers=num_workers)
         record["status"] = "done" if result.status == "completed" else "diverged"

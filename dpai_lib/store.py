@@ -37,7 +37,7 @@ STATUSES = ("running", "done", "diverged", "failed", "interrupted")
 
 # -- atomic writes ---------------------------------------------------------------------------------
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
+def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO[Any]]:
     """``with atomic_write(path, "wb") as f: ...``: the file appears at ``path`` complete or not at all
     (a temporary ``.<name>.<pid>.<random>.tmp`` beside it, flushed, fsynced, renamed into place)."""
     path = Path(path)
@@ -45,7 +45,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)  # the umask applies, as for open()
     try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+        f: IO[Any]
+        with (os.fdopen(fd, mode) if "b" in mode else os.fdopen(fd, mode, encoding="utf-8")) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -99,7 +100,8 @@ class RunRecord(_Open):
 
     schema_: Literal["dpai_lib.run/1"] = Field(alias="schema", description="record format, " + SCHEMA)
     run_id: str = Field(pattern=r"^[0-9a-f]{16}$", description="hash of the configuration and code versions")
-    labels: dict[str, Any] = Field(description="artefact, setting, method, budget of the run that wrote it")
+    labels: dict[str, Any] = Field(description="artefact, setting, method, tier of the run that wrote it (older "
+                                   "records say 'budget' for 'tier'; read_record renames it)")
     status: Literal["running", "done", "diverged", "failed", "interrupted"]
     error: str | None = Field(description="why a run failed, diverged or was interrupted; else None")
     traceback: str | None = Field(None, description="of a failed or interrupted run")
@@ -158,7 +160,17 @@ def read_record(path: str | os.PathLike, run_id: str | None = None) -> dict[str,
         raise CorruptRecordError(path, f"missing or invalid fields: {_problems(exc)}") from None
     if run_id is not None and raw["run_id"] != run_id:
         raise CorruptRecordError(path, f"holds run {raw['run_id']}, not {run_id}")
-    return raw
+    return upgrade_labels(raw)
+
+
+def upgrade_labels(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with the run tier under ``labels["tier"]``: records written before the rename carry it as
+    ``labels["budget"]`` (the name now kept for a pruner's layer-wise budget); the label is renamed in place,
+    its position in the labels kept."""
+    labels = record.get("labels")
+    if isinstance(labels, dict) and "budget" in labels and "tier" not in labels:
+        record["labels"] = {("tier" if k == "budget" else k): v for k, v in labels.items()}
+    return record
 
 
 def write_record(path: str | os.PathLike, record: dict[str, Any]) -> Path:
@@ -250,11 +262,11 @@ class RunLock:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        assert self._fd is not None
+        fd = self._held_fd()
         with contextlib.suppress(FileNotFoundError):
-            if _same_file(os.stat(self.path), os.fstat(self._fd)):  # still ours, not a taker's
+            if _same_file(os.stat(self.path), os.fstat(fd)):  # still ours, not a taker's
                 self.path.unlink()
-        os.close(self._fd)
+        os.close(fd)
         _HELD.discard(self._owner["token"])
         self._fd, self.held = None, False
 
@@ -299,11 +311,17 @@ class RunLock:
         self._thread.start()
         return True
 
+    def _held_fd(self) -> int:
+        """The open lock file (set from acquire until release, which joins the heartbeat first)."""
+        if self._fd is None:
+            raise RuntimeError(f"lock {self.path} is not held")
+        return self._fd
+
     def _write(self) -> None:
-        data = json.dumps(self._owner).encode()
-        os.pwrite(self._fd, data, 0)
-        os.ftruncate(self._fd, len(data))
-        os.fsync(self._fd)
+        fd, data = self._held_fd(), json.dumps(self._owner).encode()
+        os.pwrite(fd, data, 0)
+        os.ftruncate(fd, len(data))
+        os.fsync(fd)
 
     def _beat(self) -> None:
         lost = False
@@ -316,7 +334,7 @@ class RunLock:
                 continue
             if not lost:
                 try:
-                    lost = not _same_file(os.stat(self.path), os.fstat(self._fd))
+                    lost = not _same_file(os.stat(self.path), os.fstat(self._held_fd()))
                 except FileNotFoundError:
                     lost = True
                 if lost:

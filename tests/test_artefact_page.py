@@ -28,13 +28,13 @@ def test_mean_std_formats_one_several_and_non_finite_values():
 
 def test_mask_rows_keep_one_row_per_mask_preferring_the_data_free_run():
     rows = pd.DataFrame([
-        {"budget": "paper", "setting": "s", "method": "dpai", "sparsity": 0.9, "seed": 0, "stage": "all",
+        {"tier": "paper", "setting": "s", "method": "dpai", "sparsity": 0.9, "seed": 0, "stage": "all",
          "status": "done", "nodes": 1},
-        {"budget": "paper", "setting": "s", "method": "dpai", "sparsity": 0.9, "seed": 0, "stage": "prune",
+        {"tier": "paper", "setting": "s", "method": "dpai", "sparsity": 0.9, "seed": 0, "stage": "prune",
          "status": "done", "nodes": 2},
-        {"budget": "paper", "setting": "s", "method": "dpai", "sparsity": 0.9, "seed": 1, "stage": "prune",
+        {"tier": "paper", "setting": "s", "method": "dpai", "sparsity": 0.9, "seed": 1, "stage": "prune",
          "status": "failed", "nodes": 3},
-        {"budget": "smoke", "setting": "s", "method": "dpai", "sparsity": 0.9, "seed": 0, "stage": "all",
+        {"tier": "smoke", "setting": "s", "method": "dpai", "sparsity": 0.9, "seed": 0, "stage": "all",
          "status": "done", "nodes": 4}])
     masks = ap.mask_rows(rows)
     assert sorted(masks["nodes"]) == [2, 4]
@@ -56,7 +56,7 @@ def test_a_page_reads_its_runs_status_and_grid_from_the_store(tmp_path):
     raw = yaml.safe_load((ROOT / "params" / "fig3_prune_time.yaml").read_text())
     setting = next(iter(raw["settings"]))
     raw["settings"] = {setting: dict(raw["settings"][setting], methods=["random", "phew"])}
-    raw["budgets"]["smoke"].pop("settings", None)  # overrides of the settings dropped above
+    raw["tiers"]["smoke"].pop("settings", None)  # overrides of the settings dropped above
     (paths.params / "fig3_prune_time.yaml").write_text(yaml.safe_dump(raw))
     page = ap.ArtefactPage("fig3_prune_time", paths)
     runs = plan(page.params, "smoke", stage="prune")

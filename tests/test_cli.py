@@ -49,11 +49,11 @@ def _write(path, mutate):
 
 def test_missing_files_and_yaml_syntax_errors_name_the_file(root, capsys):
     tmp, _ = root
-    assert _err(capsys, ["run", "params/fig1_mian.yaml", "--budget", "smoke"]) == (
+    assert _err(capsys, ["run", "params/fig1_mian.yaml", "--tier", "smoke"]) == (
         "error: no params file at params/fig1_mian.yaml; did you mean 'fig1_main.yaml'? (params has fig1_main.yaml)")
     assert _err(capsys, ["train", "nowhere.yaml"]) == "error: no configuration file at nowhere.yaml"
     (tmp / "params" / "fig1_main.yaml").write_text("artefact: fig1_main\nmethods: {dpai: {steps: 3}\nseeds: [0]\n")
-    assert _err(capsys, ["run", "params/fig1_main.yaml", "--budget", "smoke"]).startswith(
+    assert _err(capsys, ["run", "params/fig1_main.yaml", "--tier", "smoke"]).startswith(
         "error: params/fig1_main.yaml: line 3, column 1: YAML syntax error: expected ',' or '}', but got '<scalar>' "
         "(while parsing a flow mapping that starts at line 2)")
     (tmp / "c.yaml").write_text("seed: [0\n")
@@ -64,31 +64,31 @@ def test_invalid_params_files_name_the_key_and_what_is_allowed(root, capsys):
     tmp, planned = root
     params = tmp / "params" / "fig1_main.yaml"
     _write(params, lambda r: r["settings"]["resnet20_cifar10"]["method_options"]["npb"].update(alpah=0.1))
-    assert _err(capsys, ["run", "params/fig1_main.yaml", "--budget", "smoke"]).startswith(
+    assert _err(capsys, ["run", "params/fig1_main.yaml", "--tier", "smoke"]).startswith(
         "error: params/fig1_main.yaml: settings.resnet20_cifar10.method_options.npb.alpah: unknown option of pruner "
         "'npb'; did you mean 'alpha'? its options: variant, alpha, beta,")
     _write(params, lambda r: r["methods"]["dpai"].update(steps="abc"))
-    assert _err(capsys, ["run", "params/fig1_main.yaml", "--budget", "smoke"]) == (
+    assert _err(capsys, ["run", "params/fig1_main.yaml", "--tier", "smoke"]) == (
         "error: params/fig1_main.yaml: methods.dpai.steps: option 'steps' of pruner 'dpai' must be an integer; got 'abc'")
     _write(params, lambda r: r["settings"]["vgg19_cifar100"].update(sparsities=[0.9, 1.5]))
-    assert _err(capsys, ["run", "params/fig1_main.yaml", "--budget", "paper"]) == (
+    assert _err(capsys, ["run", "params/fig1_main.yaml", "--tier", "paper"]) == (
         "error: params/fig1_main.yaml: settings.vgg19_cifar100.sparsities.1: Input should be less than 1 (got 1.5)")
     _write(params, lambda r: r["settings"]["vgg19_cifar100"]["config"]["model"].update(name="vgg19"))
-    assert _err(capsys, ["run", "params/fig1_main.yaml", "--budget", "smoke"]).startswith(
+    assert _err(capsys, ["run", "params/fig1_main.yaml", "--tier", "smoke"]).startswith(
         "error: params/fig1_main.yaml: settings.vgg19_cifar100.config.model.name: unknown model 'vgg19'; did you mean "
         "'vgg19_bn'? known models: ")
     # a typo in the paper tier stops a smoke run too: every tier is validated at load
-    _write(params, lambda r: r["budgets"]["paper"].update(methods={"synflow": {"iteratons": 100}}))
-    assert _err(capsys, ["run", "params/fig1_main.yaml", "--budget", "smoke"]).startswith(
-        "error: params/fig1_main.yaml: budgets.paper.methods.synflow.iteratons: unknown option of pruner 'synflow'; "
+    _write(params, lambda r: r["tiers"]["paper"].update(methods={"synflow": {"iteratons": 100}}))
+    assert _err(capsys, ["run", "params/fig1_main.yaml", "--tier", "smoke"]).startswith(
+        "error: params/fig1_main.yaml: tiers.paper.methods.synflow.iteratons: unknown option of pruner 'synflow'; "
         "did you mean 'iterations'?")
     assert planned == []
 
 
 def test_bad_option_values_are_one_line_with_the_allowed_ones(root, capsys):
-    run = ["run", str(FIG1), "--budget", "smoke"]
-    assert _err(capsys, ["run", str(FIG1), "--budget", "papr"]) == (
-        "python -m dpai_lib run: error: argument --budget: invalid choice: 'papr' (choose from 'smoke', 'short', "
+    run = ["run", str(FIG1), "--tier", "smoke"]
+    assert _err(capsys, ["run", str(FIG1), "--tier", "papr"]) == (
+        "python -m dpai_lib run: error: argument --tier: invalid choice: 'papr' (choose from 'smoke', 'short', "
         "'paper'); did you mean 'paper'? (see python -m dpai_lib run --help)")
     assert _err(capsys, ["trian", "x.yaml"]).startswith(
         "python -m dpai_lib: error: argument command: invalid choice: 'trian' (choose from 'train', 'data', 'run', "
@@ -107,9 +107,19 @@ def test_bad_option_values_are_one_line_with_the_allowed_ones(root, capsys):
         "error: only fashion_mnist can be prepared offline; got 'fashion-mnist'; did you mean 'fashion_mnist'?")
 
 
+def test_the_tier_is_required_and_its_former_name_still_works_with_a_warning(root, capsys):
+    _, planned = root
+    assert _err(capsys, ["run", str(FIG1)]) == "error: run: --tier is required: smoke (CPU, offline, minutes), short or paper"
+    assert cli.main(["run", str(FIG1), "--budget", "smoke", "--only", "setting=resnet20_cifar10", "seed=0"]) == 0
+    assert capsys.readouterr().err == "warning: --budget was renamed --tier (the run tier: smoke, short or paper)\n"
+    assert planned and {r.tier for r in planned} == {"smoke"}
+    assert _err(capsys, ["run", str(FIG1), "--budget", "papr"]).startswith(
+        "python -m dpai_lib run: error: argument --budget: invalid choice: 'papr'")
+
+
 def test_only_must_select_something_and_names_the_allowed_values(root, capsys):
     _, planned = root
-    run = ["run", str(FIG1), "--budget", "smoke", "--only"]
+    run = ["run", str(FIG1), "--tier", "smoke", "--only"]
     assert _err(capsys, [*run, "arch=resnet20"]) == (
         "error: --only arch=resnet20: unknown key 'arch'; keys: setting, method, sparsity, seed, model, dataset "
         "(as key=value[,value...])")
@@ -132,7 +142,7 @@ def test_only_must_select_something_and_names_the_allowed_values(root, capsys):
     raw = yaml.safe_load(FIG1.read_text())
     raw["settings"]["vgg19_cifar100"]["methods"].remove("phew")
     root[0].joinpath("params", "fig1_main.yaml").write_text(yaml.safe_dump(raw))
-    assert _err(capsys, ["run", "params/fig1_main.yaml", "--budget", "smoke", "--only", "setting=vgg19_cifar100",
+    assert _err(capsys, ["run", "params/fig1_main.yaml", "--tier", "smoke", "--only", "setting=vgg19_cifar100",
                          "method=phew"]) == (
         "error: --only setting=vgg19_cifar100 method=phew: each value occurs in params/fig1_main.yaml in the smoke "
         "tier, but no run has them all")
@@ -143,19 +153,19 @@ def test_a_params_file_outside_the_params_folder_is_refused_unless_identical(roo
     tmp, planned = root
     elsewhere = tmp_path_factory.mktemp("elsewhere")
     changed = _write(elsewhere / "fig1_main.yaml", lambda r: r["methods"]["dpai"].update(steps=10))
-    assert _err(capsys, ["run", str(changed), "--budget", "smoke"]) == (
+    assert _err(capsys, ["run", str(changed), "--tier", "smoke"]) == (
         f"error: {changed}: a params file must be in the project's params folder {tmp / 'params'}: each run reads "
         f"{tmp / 'params' / 'fig1_main.yaml'} by name, which differs from this file; copy this file there (and keep "
         "its name) to run it")
     new = _write(elsewhere / "fig9_new.yaml", lambda r: r.update(artefact="fig9_new"))
-    assert _err(capsys, ["run", str(new), "--budget", "smoke"]).endswith(
+    assert _err(capsys, ["run", str(new), "--tier", "smoke"]).endswith(
         f"each run reads {tmp / 'params' / 'fig9_new.yaml'} by name, which does not exist; copy this file there (and "
         "keep its name) to run it")
     assert planned == []
     same = elsewhere / "same" / "fig1_main.yaml"
     same.parent.mkdir()
     same.write_text(FIG1.read_text())
-    assert cli.main(["run", str(same), "--budget", "smoke"]) == 0
+    assert cli.main(["run", str(same), "--tier", "smoke"]) == 0
     assert len(planned) == 21
 
 
@@ -172,10 +182,10 @@ def test_run_configurations_name_the_bad_key(tmp_path, capsys):
 
 
 def test_debug_shows_the_traceback_and_internal_errors_say_so(root, capsys, monkeypatch):
-    assert cli.main(["--debug", "run", str(FIG1), "--budget", "smoke", "--shard", "x"]) == 2
+    assert cli.main(["--debug", "run", str(FIG1), "--tier", "smoke", "--shard", "x"]) == 2
     err = capsys.readouterr().err
     assert "Traceback (most recent call last)" in err and err.strip().endswith("got 'x'")
-    assert cli.main(["run", str(FIG1), "--budget", "smoke", "--shard", "x", "--debug"]) == 2  # after the command too
+    assert cli.main(["run", str(FIG1), "--tier", "smoke", "--shard", "x", "--debug"]) == 2  # after the command too
     assert "Traceback" in capsys.readouterr().err
 
     def broken(args):
@@ -194,9 +204,12 @@ def test_ctrl_c_is_one_line_and_status_130(capsys, monkeypatch):
     assert _err(capsys, ["status"], status=130) == (
         "interrupted (Ctrl-C): finished runs are kept; interrupted ones are recorded as such and resume when the "
         "command is run again")
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # main() puts the previous handler back
 
 
-def test_ctrl_c_stops_a_training_run_promptly_and_records_it(tmp_path):
+@pytest.mark.parametrize("sig,status,how", [(signal.SIGINT, 130, "interrupted (Ctrl-C)"),
+                                            (signal.SIGTERM, 143, "terminated (SIGTERM)")])
+def test_ctrl_c_or_sigterm_stops_a_training_run_promptly_and_records_it(tmp_path, sig, status, how):
     raw = run_dict(train=None)
     raw["prune"] = {"method": "dpai", "sparsity": 0.99, "options": {"steps": 100_000}}  # hours: only Ctrl-C ends it
     path = tmp_path / "c.yaml"
@@ -211,13 +224,13 @@ def test_ctrl_c_stops_a_training_run_promptly_and_records_it(tmp_path):
     time.sleep(3)  # into DPaI's steps
     assert proc.poll() is None, proc.communicate()
     sent = time.monotonic()
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert time.monotonic() - sent < 15
-    assert proc.returncode == 130, err
+    assert proc.returncode == status, err
     assert err.strip().splitlines() == [
-        "interrupted (Ctrl-C): finished runs are kept; interrupted ones are recorded as such and resume when the "
-        "command is run again"]
+        f"{how}: finished runs are kept; interrupted ones are recorded as such and resume when the command is run "
+        "again"]
     [record] = records.glob("*.json")
     assert json.loads(record.read_text())["status"] == "interrupted"
 

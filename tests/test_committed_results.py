@@ -27,13 +27,13 @@ PENDING = {("resnet20", "dpai"), ("resnet18", "dpai"), ("vgg19_bn", "dpai"), ("r
 
 
 def test_every_committed_record_is_current_finished_clean_and_not_smoke():
-    current = {run_id(r.config) for a in artefacts() for r in artefact_runs(a) if r.budget != "smoke"}
+    current = {run_id(r.config) for a in artefacts() for r in artefact_runs(a) if r.tier != "smoke"}
     assert RECORDS, "no committed records"
     for path in RECORDS:
         rec = load_record(path)
         assert path.stem == rec["run_id"], f"{path.name} holds run {rec['run_id']}"
         assert rec["run_id"] in current, f"{path.name} is in no artefact's current grid (stale record)"
-        assert rec["status"] == "done" and rec["labels"]["budget"] != "smoke"
+        assert rec["status"] == "done" and rec["labels"]["tier"] != "smoke"
         assert rec["provenance"]["git_dirty"] is False, f"{path.name}: results must come from committed code"
 
 
@@ -42,11 +42,11 @@ def test_collected_tables_are_exactly_their_records(artefact):
     table = pd.read_csv(ROOT / "results" / f"{artefact}.csv")
     assert list(table.columns) == COLUMNS
     assert sorted(table["run_id"]) == sorted(r["run_id"] for r in artefact_records(artefact)
-                                             if r["labels"]["budget"] != "smoke")  # smoke: runs/<artefact>.csv
+                                             if r["labels"]["tier"] != "smoke")  # smoke: runs/<artefact>.csv
 
 
 def _seed0_data_free(artefact: str) -> tuple[list, set[str]]:
-    done = {r["run_id"] for r in artefact_records(artefact, budget="paper", stage="prune")}
+    done = {r["run_id"] for r in artefact_records(artefact, tier="paper", stage="prune")}
     wanted = [r for r in plan(ROOT / "params" / f"{artefact}.yaml", "paper", stage="prune")
               if r.config.seed == 0 and not needs_data(r.config.prune.method)]
     return wanted, done
@@ -54,7 +54,7 @@ def _seed0_data_free(artefact: str) -> tuple[list, set[str]]:
 
 @pytest.mark.parametrize("artefact", DATA_FREE)
 def test_the_data_free_seed_0_grid_is_committed(artefact):
-    """The issue's minimum: seed 0 of every cell that needs no data set, at the paper budget (except the
+    """The issue's minimum: seed 0 of every cell that needs no data set, at the paper tier (except the
     pairs being recomputed after a version bump, PENDING)."""
     wanted, done = _seed0_data_free(artefact)
     wanted = [r for r in wanted if (r.config.model.name, r.config.prune.method) not in PENDING]

@@ -22,7 +22,7 @@ from dpai_lib.store import read_record
 TINY = RELIABILITY_TINY | {  # 4 runs of 3 epochs of one batch: checkpoints to resume from
     "title": "fault injection",
     "base": RELIABILITY_TINY["base"] | {"train": RELIABILITY_TINY["base"]["train"] | {"epochs": 3}},
-    "budgets": {"smoke": {}, "short": {}, "paper": {}},
+    "tiers": {"smoke": {}, "short": {}, "paper": {}},
 }
 KILLS = 10
 

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from dpai_lib.config import ConfigError
-from dpai_lib.params import BUDGETS, expand, load_artefact
+from dpai_lib.params import TIERS, expand, load_artefact
 from dpai_lib.runs import run_id
 from dpai_lib.sparsity import compression_to_sparsity
 
@@ -15,12 +15,12 @@ ARTEFACTS = [p for p in PARAMS if p.name != "smoke.yaml"]
 
 
 @pytest.mark.parametrize("path", ARTEFACTS, ids=lambda p: p.stem)
-@pytest.mark.parametrize("budget", BUDGETS)
-def test_every_params_file_expands_to_valid_unique_runs(path, budget):
-    runs = expand(load_artefact(path), budget)
+@pytest.mark.parametrize("tier", TIERS)
+def test_every_params_file_expands_to_valid_unique_runs(path, tier):
+    runs = expand(load_artefact(path), tier)
     ids = [run_id(r.config) for r in runs]
     assert len(ids) == len(set(ids))
-    assert all(r.budget == budget and r.artefact == path.stem for r in runs)
+    assert all(r.tier == tier and r.artefact == path.stem for r in runs)
 
 
 def test_fig1_is_the_papers_grid():

@@ -32,7 +32,7 @@ TINY = {
                        "nesterov": False, "weight_decay": 1e-4, "lr_drops": [], "lr_drop_factor": 0.1}},
     "methods": {"random": {"budget": "erk"}, "magnitude": {}},
     "settings": {"r20": {"config": {}, "methods": ["random", "magnitude"], "sparsities": [0.9], "seeds": [0, 1]}},
-    "budgets": {"smoke": {"all": {"train": {"max_train_batches": 1}}}, "short": {}, "paper": {}},
+    "tiers": {"smoke": {"all": {"train": {"max_train_batches": 1}}}, "short": {}, "paper": {}},
 }
 
 
@@ -65,7 +65,7 @@ def test_sweep_runs_the_template_skips_finished_runs_and_collects_a_tidy_csv(tin
     for r in runs:
         rec = load_record(paths.smoke_store / f"{run_id(r.config)}.json")
         assert rec["status"] == "done" and rec["labels"] == {"artefact": "tiny", "setting": "r20",
-                                                             "method": r.method, "budget": "smoke"}
+                                                             "method": r.method, "tier": "smoke"}
         assert (paths.logs / "tiny" / f"{run_id(r.config)}.ipynb").exists()  # the executed notebook is the log
     assert run_sweep(runs, paths=paths, device="cpu", progress=False) == {"skipped": 4}
     assert collect("tiny", paths=paths) == [tmp_path / "results" / "tiny.csv", tmp_path / "runs" / "tiny.csv"]
@@ -77,7 +77,7 @@ def test_sweep_runs_the_template_skips_finished_runs_and_collects_a_tidy_csv(tin
     erk = sum(layer_kept_counts(build_model("resnet20", 10), 0.9, "erk").values())
     assert (df.loc[df["method"] == "random", "kept"] == erk).all() and df["log_paths"].notna().all()
     st = status(paths=paths)
-    smoke = st[st["budget"] == "smoke"]
+    smoke = st[st["tier"] == "smoke"]
     assert smoke["expected"].sum() == 4 and smoke["done"].sum() == 4 and smoke["missing"].sum() == 0
 
 
@@ -134,26 +134,26 @@ def test_artefacts_share_records_of_identical_runs_and_fill_runs_only_what_is_mi
     shared = artefact_records("twin", paths=paths)
     assert [r["labels"]["method"] for r in shared] == ["rand"] and shared[0]["labels"]["setting"] == "again"
     assert shared[0]["config"]["seed"] == 1
-    board = scoreboard(paths=paths).set_index(["artefact", "budget", "stage"])
+    board = scoreboard(paths=paths).set_index(["artefact", "tier", "stage"])
     assert board.loc[("twin", "smoke", "all"), "state"] == "complete"
     assert board.loc[("tiny", "smoke", "all"), ["expected", "finished", "state"]].tolist() == [4, 2, "partial"]
     assert board.loc[("tiny", "paper", "all"), "state"] == "not run"
     # fill runs the smoke tier of artefacts without short/paper data: here the two runs tiny still lacks
-    out = subprocess.run([sys.executable, "-m", "dpai_lib", "fill", "--budget", "smoke", "--device", "cpu"],
+    out = subprocess.run([sys.executable, "-m", "dpai_lib", "fill", "--tier", "smoke", "--device", "cpu"],
                          capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "DPAI_ROOT": str(tmp_path)})
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == {"skipped": 3, "done": 2}
-    assert scoreboard(paths=paths).query("budget == 'smoke' and stage == 'all'")["state"].tolist() == [
+    assert scoreboard(paths=paths).query("tier == 'smoke' and stage == 'all'")["state"].tolist() == [
         "complete", "complete"]
 
 
-def test_budget_tiers_can_run_a_smaller_grid(tiny):
+def test_run_tiers_can_run_a_smaller_grid(tiny):
     params_file, _ = tiny
-    raw = dict(TINY, budgets={"smoke": {"seeds": [1]}, "short": {"sparsities": [0.9]}, "paper": {}})
+    raw = dict(TINY, tiers={"smoke": {"seeds": [1]}, "short": {"sparsities": [0.9]}, "paper": {}})
     params_file.write_text(yaml.safe_dump(raw))
     assert [r.config.seed for r in plan(params_file, "smoke")] == [1, 1]
     assert len(plan(params_file, "short")) == 4
-    params_file.write_text(yaml.safe_dump(dict(raw, budgets={**raw["budgets"], "smoke": {"seeds": [7]}})))
+    params_file.write_text(yaml.safe_dump(dict(raw, tiers={**raw["tiers"], "smoke": {"seeds": [7]}})))
     with pytest.raises(ConfigError, match="keeps no seed or no sparsity of setting 'r20'"):
         plan(params_file, "smoke")
 

@@ -25,7 +25,7 @@ TINY = PIPELINE_TINY | {
     "base": PIPELINE_TINY["base"] | {
         "data": {"name": "synthetic", "options": {"train_size": 64, "test_size": 64, "image_size": 8}},
         "train": PIPELINE_TINY["base"]["train"] | {"batch_size": 32, "max_train_batches": 1}},
-    "budgets": {"smoke": {"all": {"train": {"max_test_batches": 1}}}, "short": {}, "paper": {}},
+    "tiers": {"smoke": {"all": {"train": {"max_test_batches": 1}}}, "short": {}, "paper": {}},
 }
 
 TEMPLATE = """---
@@ -60,7 +60,7 @@ def tiny(tmp_path):
 def done_record(run) -> dict:
     rid = run_id(run.config)
     return {"schema": SCHEMA, "run_id": rid, "labels": {"artefact": "tiny", "setting": run.setting,
-                                                         "method": run.method, "budget": run.budget},
+                                                         "method": run.method, "tier": run.tier},
             "status": "done", "error": None, "config": run.config.canonical(), "seed": run.config.seed,
             "results": {"masks": {"kept": 10}}, "curves": [], "timings": {"total_s": 2.0}, "provenance": {}}
 
@@ -82,10 +82,10 @@ def test_readers_skip_corrupt_records_name_them_and_status_counts_them(tiny, cap
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         st = status(paths=paths)
-    smoke = st[st.budget == "smoke"]
+    smoke = st[st.tier == "smoke"]
     assert (smoke.done.sum(), smoke.corrupt.sum(), smoke.failed.sum(), smoke.missing.sum()) == (2, 2, 0, 0)
     assert str(truncated) in caplog.text and str(not_object) in caplog.text
-    board = scoreboard(paths=paths).set_index(["artefact", "budget", "stage"])
+    board = scoreboard(paths=paths).set_index(["artefact", "tier", "stage"])
     assert board.loc[("tiny", "smoke", "all"), ["finished", "corrupt", "state"]].tolist() == [2, 2, "partial"]
     [_, smoke_csv] = collect("tiny", paths=paths)
     assert len(smoke_csv.read_text().splitlines()) == 1 + 2  # header and the two readable records
@@ -205,7 +205,8 @@ def _gone(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the kernel through /proc")
-def test_ctrl_c_stops_a_sweep_promptly_with_its_run_interrupted_and_nothing_left_held(tiny):
+@pytest.mark.parametrize("sig,raised", [(signal.SIGINT, "KeyboardInterrupt"), (signal.SIGTERM, "Terminated")])
+def test_ctrl_c_or_sigterm_stops_a_sweep_promptly_with_its_run_interrupted_and_nothing_left_held(tiny, sig, raised):
     params_file, paths = tiny
     raw = dict(TINY)
     raw["base"] = dict(TINY["base"], train=dict(TINY["base"]["train"], epochs=400))  # a run of minutes
@@ -225,10 +226,10 @@ def test_ctrl_c_stops_a_sweep_promptly_with_its_run_interrupted_and_nothing_left
     kernels = _children(runner.pid)
     assert kernels
     t0 = time.time()
-    os.kill(runner.pid, signal.SIGINT)  # what Ctrl-C sends to the runner
+    os.kill(runner.pid, sig)  # what Ctrl-C, or kill / a Slurm pre-emption, sends to the runner
     _, err = runner.communicate(timeout=60)
     assert time.time() - t0 < 20, "not prompt"
-    assert runner.returncode != 0 and "KeyboardInterrupt" in err
+    assert runner.returncode != 0 and raised in err
     rec = read_record(record_path(runs[0], paths), run_id(runs[0].config))
     assert rec["status"] == "interrupted" and "KeyboardInterrupt" in rec["traceback"]
     assert not record_path(runs[1], paths).exists()  # the second run never started

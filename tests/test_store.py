@@ -20,7 +20,7 @@ COMMITTED = sorted((ROOT / "results" / "runs").glob("*.json"))
 
 
 def record(**overrides):
-    rec = {"schema": store.SCHEMA, "run_id": "0123456789abcdef", "labels": {"budget": "smoke"}, "status": "done",
+    rec = {"schema": store.SCHEMA, "run_id": "0123456789abcdef", "labels": {"tier": "smoke"}, "status": "done",
            "error": None, "config": {"seed": 0, "data": {"name": "synthetic"}, "model": {"name": "resnet20"},
                                      "prune": {"method": "random", "sparsity": 0.9}, "train": None},
            "seed": 0, "results": {}, "curves": [], "timings": {"total_s": 1.0}, "provenance": {}}
@@ -54,6 +54,15 @@ def test_there_is_one_atomic_writer_in_the_files_this_change_owns():
 
 
 # -- records ---------------------------------------------------------------------------------------
+def test_a_record_written_before_the_tier_rename_reads_with_its_tier_label(tmp_path):
+    path = write_json(tmp_path / "0123456789abcdef.json",
+                      record(labels={"artefact": "a", "budget": "paper", "method": "dpai"}))
+    assert list(read_record(path)["labels"].items()) == [("artefact", "a"), ("tier", "paper"), ("method", "dpai")]
+    assert json.loads(path.read_text())["labels"]["budget"] == "paper"  # reading never rewrites the file
+    both = write_json(tmp_path / "b.json", record(labels={"budget": "erk", "tier": "smoke"}))
+    assert read_record(both)["labels"] == {"budget": "erk", "tier": "smoke"}  # a new record is left as it is
+
+
 def test_every_committed_record_validates_and_round_trips_byte_for_byte(tmp_path):
     assert COMMITTED
     for path in COMMITTED:

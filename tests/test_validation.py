@@ -167,8 +167,8 @@ BAD_PARAMS = [
      "settings.resnet20_cifar10.method_options.npb.alpah: unknown option of pruner 'npb'; did you mean 'alpha'? "
      "its options: variant, alpha, beta, max_p,"),
     (("methods", "dpai", "steps"), "abc", "methods.dpai.steps: option 'steps' of pruner 'dpai' must be an integer; got 'abc'"),
-    (("budgets", "paper", "methods"), {"synflow": {"iterations": 1.5}},  # a tier nobody runs in the tests
-     "budgets.paper.methods.synflow.iterations: option 'iterations' of pruner 'synflow' must be an integer; got 1.5"),
+    (("tiers", "paper", "methods"), {"synflow": {"iterations": 1.5}},  # a tier nobody runs in the tests
+     "tiers.paper.methods.synflow.iterations: option 'iterations' of pruner 'synflow' must be an integer; got 1.5"),
     (("methods", "dpai", "alpha"), 1, None),  # an int is a valid float
     (("methods", "random", "budget"), "ERK", "methods.random.budget: option 'budget' of pruner 'random' must be one of "
                                              "'erk', 'uniform'; got 'ERK'; did you mean 'erk'?"),
@@ -181,31 +181,31 @@ BAD_PARAMS = [
     ((*R20, "config", "data", "name"), "cifar",
      "settings.resnet20_cifar10.config.data.name: unknown data set 'cifar'; did you mean 'cifar10'? known data sets: "
      "cifar10, cifar100, fashion_mnist, imagenet, synthetic, tiny_imagenet"),
-    (("budgets", "smoke", "all", "data", "options", "train_sise"), 3,
-     "budgets.smoke.all.data.options.train_sise: unknown option of data set 'synthetic'; did you mean 'train_size'?"),
-    (("budgets", "smoke", "all", "data", "options", "train_size"), "big",
-     "budgets.smoke.all.data.options.train_size: option 'train_size' of data set 'synthetic' must be an integer; got 'big'"),
+    (("tiers", "smoke", "all", "data", "options", "train_sise"), 3,
+     "tiers.smoke.all.data.options.train_sise: unknown option of data set 'synthetic'; did you mean 'train_size'?"),
+    (("tiers", "smoke", "all", "data", "options", "train_size"), "big",
+     "tiers.smoke.all.data.options.train_size: option 'train_size' of data set 'synthetic' must be an integer; got 'big'"),
     (("methods", "dpia"), {}, "methods.dpia: unknown pruner 'dpia'; did you mean 'dpai'? known pruners: dpai, grasp,"),
     (("methods", "variant"), {"pruner": "dpa"}, "methods.variant.pruner: unknown pruner 'dpa'; did you mean 'dpai'?"),
     ((*R20, "methods", 6), "dpia", "settings.resnet20_cifar10.methods.6: unknown method 'dpia'; did you mean 'dpai'? "
                                    "known methods: random, snip, iter_snip, synflow, phew, npb, dpai"),
     ((*R20, "method_options", "npbb"), {}, "settings.resnet20_cifar10.method_options.npbb: unknown method 'npbb'; did "
                                            "you mean 'npb'? known methods: random, snip,"),
-    (("budgets", "smoke", "methods", "dpia"), {}, "budgets.smoke.methods.dpia: unknown method 'dpia'; did you mean 'dpai'?"),
-    (("budgets", "short", "settings", "resnet20_cifar1"), {},
-     "budgets.short.settings.resnet20_cifar1: unknown setting 'resnet20_cifar1'; did you mean 'resnet20_cifar10'?"),
+    (("tiers", "smoke", "methods", "dpia"), {}, "tiers.smoke.methods.dpia: unknown method 'dpia'; did you mean 'dpai'?"),
+    (("tiers", "short", "settings", "resnet20_cifar1"), {},
+     "tiers.short.settings.resnet20_cifar1: unknown setting 'resnet20_cifar1'; did you mean 'resnet20_cifar10'?"),
     ((*R20, "sparsities"), [0.9, 99], "settings.resnet20_cifar10.sparsities.1: Input should be less than 1 (got 99)"),
     ((*R20, "seeds"), [], "settings.resnet20_cifar10.seeds: List should have at least 1 item after validation, not 0"),
     (("base", "train", "lr_drop"), [3], "base.train.lr_drop: unknown key; did you mean 'lr_drops'? allowed keys here: amp,"),
     (("base", "seed"), 3, "base.seed: set by the grid (a setting's methods, sparsities and seeds); remove it here"),
-    (("budgets", "smoke", "seeds"), [7], "budgets.smoke.seeds: budget 'smoke' keeps no seed or no sparsity of setting "
+    (("tiers", "smoke", "seeds"), [7], "tiers.smoke.seeds: tier 'smoke' keeps no seed or no sparsity of setting "
                                          "'resnet20_cifar10', 'vgg19_cifar100', 'resnet18_tinyimagenet' (this tier keeps seeds [7]"),
-    (("budgets", "short"), _DELETE, "budgets: every tier (smoke, short, paper) must be defined, even as {}; missing short"),
+    (("tiers", "short"), _DELETE, "tiers: every tier (smoke, short, paper) must be defined, even as {}; missing short"),
     ((*R20, "config", "prune", "data_batches"), _DELETE,  # snip needs pruning data: caught on the merged runs
-     "the run of budgets.short, settings.resnet20_cifar10, methods.snip, sparsity 0.6837722339831621, seed 0: "
+     "the run of tiers.short, settings.resnet20_cifar10, methods.snip, sparsity 0.6837722339831621, seed 0: "
      "prune.data_batches: pruner 'snip' scores weights with data: set both prune.data_batches and prune.data_batch_size"),
-    (("budgets", "paper", "all"), {"train": {"optimizer": "adamw"}},
-     "the run of budgets.paper, settings.resnet20_cifar10, methods.random, sparsity 0.6837722339831621, seed 0: train: "
+    (("tiers", "paper", "all"), {"train": {"optimizer": "adamw"}},
+     "the run of tiers.paper, settings.resnet20_cifar10, methods.random, sparsity 0.6837722339831621, seed 0: train: "
      "momentum and nesterov are SGD's: with optimizer adamw they must be 0 and false; got momentum=0.9, nesterov=False"),
 ]
 
@@ -239,8 +239,17 @@ def test_unreadable_params_files_are_one_line_errors(tmp_path):
         load_artefact(path)
     with pytest.raises(ConfigError, match=r": is a folder, not a params file$"):
         load_artefact(tmp_path)
-    with pytest.raises(ConfigError, match=r"^unknown budget 'papr'; did you mean 'paper'\? allowed: smoke, short, paper$"):
+    with pytest.raises(ConfigError, match=r"^unknown tier 'papr'; did you mean 'paper'\? allowed: smoke, short, paper$"):
         expand(load_artefact(PARAMS / "fig1_main.yaml"), "papr")
+
+
+def test_the_former_budgets_key_is_refused_with_its_new_name(tmp_path):
+    raw = copy.deepcopy(FIG1)
+    raw["budgets"] = raw.pop("tiers")
+    path = tmp_path / "fig1_main.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    with pytest.raises(ConfigError, match=r"^.*fig1_main.yaml: budgets: renamed to 'tiers' \(the run tiers smoke, short, paper\)"):
+        load_artefact(path)
 
 
 def test_a_run_configuration_names_unknown_names_and_missing_pruning_data(tmp_path):
