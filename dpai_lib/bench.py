@@ -31,10 +31,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -258,7 +260,7 @@ def bench_prune(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from dpai_lib.data import load_tensors, normalize
-    from dpai_lib.pruners import PRUNERS, list_pruners
+    from dpai_lib.pruners import list_pruners, needs_data
 
     torch.set_num_threads(args.threads)
     known = list_pruners()  # also loads every pruner module
@@ -274,7 +276,7 @@ def bench_prune(args: argparse.Namespace) -> int:
             hp = {"steps": args.dpai_steps} if method == "dpai" else {}
             t0 = time.perf_counter()
             masks = prune(model, method, args.sparsity, input_shape=(3, size, size),
-                          data=data if PRUNERS.get(method).needs_data else None, **hp)
+                          data=data if needs_data(method) else None, **hp)
             seconds = time.perf_counter() - t0
             row = {"model": name, "method": method, "sparsity": args.sparsity, "threads": torch.get_num_threads(),
                    "seconds": round(seconds, 2), "collapsed_layers": len(masks.collapsed_layers())}
@@ -296,6 +298,26 @@ def bench_prune(args: argparse.Namespace) -> int:
     return 1 if (args.check and failed) else 0
 
 
+def _replace_forward(module: nn.Module, forward: Callable[..., torch.Tensor]) -> None:
+    """Give ``module`` its own ``forward`` (an instance attribute; ``nn.Module`` declares ``forward`` as a
+    replaceable callable, its subclasses as a method)."""
+    module.forward = forward
+
+
+def _masked_linear(m: nn.Linear, k: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, m.weight * k, m.bias)
+
+
+def _masked_conv(m: nn.Conv2d, k: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return m._conv_forward(x, m.weight * k, m.bias)
+
+
+def _grad(p: torch.Tensor) -> torch.Tensor:
+    if p.grad is None:
+        raise RuntimeError("synaptic_flow_loop: a prunable weight got no gradient (it is not used by the forward)")
+    return p.grad
+
+
 def synaptic_flow_loop(model: nn.Module, sparsity: float, input_shape: tuple[int, ...], iterations: int) -> Masks:
     """SynFlow as Synaptic-Flow's ``prune_loop`` runs it (written from its description, not its code), in
     float64 for equal work with ours: every conv/linear multiplies its weight by a float mask buffer in its
@@ -311,9 +333,9 @@ def synaptic_flow_loop(model: nn.Module, sparsity: float, input_shape: tuple[int
     for n, p in params.items():
         module, mask = owner[id(p)], masks[n]
         if isinstance(module, nn.Linear):
-            module.forward = lambda x, m=module, k=mask: F.linear(x, m.weight * k, m.bias)
+            _replace_forward(module, functools.partial(_masked_linear, module, mask))
         else:
-            module.forward = lambda x, m=module, k=mask: m._conv_forward(x, m.weight * k, m.bias)
+            _replace_forward(module, functools.partial(_masked_conv, module, mask))
     with torch.no_grad():
         for t in net.state_dict().values():
             if t.is_floating_point():
@@ -322,7 +344,7 @@ def synaptic_flow_loop(model: nn.Module, sparsity: float, input_shape: tuple[int
     for target in iteration_sparsities(sparsity, iterations, "exponential"):
         net.zero_grad()
         net(x).sum().backward()
-        scores = torch.cat([(p.grad * p).detach().abs().flatten() for p in params.values()])
+        scores = torch.cat([(_grad(p) * p).detach().abs().flatten() for p in params.values()])
         n_prune = int(target * scores.numel())
         if n_prune < 1:
             continue

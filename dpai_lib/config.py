@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
 
 from dpai_lib.errors import UserError, one_line, short, suggest, unknown
 
@@ -33,11 +34,11 @@ class StrictModel(BaseModel):
 
 class DataConfig(StrictModel):
     name: str = Field(description="registered data set name (dpai_lib.data.list_datasets())")
-    data_dir: str | None = Field(None, description="root of the data sets; None = $DPAI_DATA_DIR or ./data")
-    download: bool = Field(False, description="let torchvision download CIFAR / Fashion-MNIST into data_dir")
+    data_dir: str | None = Field(default=None, description="root of the data sets; None = $DPAI_DATA_DIR or ./data")
+    download: bool = Field(default=False, description="let torchvision download CIFAR / Fashion-MNIST into data_dir")
     options: dict[str, Any] = Field(default_factory=dict, description="data-set options (e.g. synthetic sizes)")
     train_subset: int | None = Field(
-        None, gt=0, description="train on this many training images only (a seeded random subset); None = all"
+        default=None, gt=0, description="train on this many training images only (a seeded random subset); None = all"
     )
 
 
@@ -51,31 +52,31 @@ class PruneConfig(StrictModel):
     sparsity: float = Field(ge=0.0, lt=1.0, description="fraction of prunable weights removed")
     options: dict[str, Any] = Field(default_factory=dict, description="the pruner's hyper-parameters")
     data_batches: int | None = Field(
-        None, gt=0, description="for pruners that score with data: number of training batches they get"
+        default=None, gt=0, description="for pruners that score with data: number of training batches they get"
     )
-    data_batch_size: int | None = Field(None, gt=0, description="size of those batches")
+    data_batch_size: int | None = Field(default=None, gt=0, description="size of those batches")
 
 
 class TrainConfig(StrictModel):
     epochs: int = Field(ge=0, description="training epochs")
     batch_size: int = Field(gt=0, description="training batch size")
     test_batch_size: int = Field(gt=0, description="evaluation batch size")
-    optimizer: Literal["sgd", "adamw"] = Field("sgd", description="sgd (momentum, nesterov) or adamw (decoupled "
+    optimizer: Literal["sgd", "adamw"] = Field(default="sgd", description="sgd (momentum, nesterov) or adamw (decoupled "
                                               "weight decay; betas 0.9, 0.999)")
     lr: float = Field(gt=0.0, description="initial (peak, for warmup_cosine) learning rate")
     momentum: float = Field(ge=0.0, lt=1.0, description="SGD momentum (must be 0 for adamw)")
     nesterov: bool = Field(description="Nesterov momentum (sgd only)")
     weight_decay: float = Field(ge=0.0, description="SGD: L2 weight decay on all parameters; AdamW: decoupled decay")
     schedule: Literal["multistep", "warmup_cosine"] = Field(
-        "multistep", description="multistep: lr times lr_drop_factor at each epoch of lr_drops (stepped per epoch); "
+        default="multistep", description="multistep: lr times lr_drop_factor at each epoch of lr_drops (stepped per epoch); "
         "warmup_cosine: linear warmup over warmup_steps iterations, then cosine to 0 at the last iteration")
     lr_drops: list[int] = Field(description="epochs at which the learning rate is multiplied by lr_drop_factor "
                                 "(multistep; must be empty for warmup_cosine)")
     lr_drop_factor: float = Field(gt=0.0, le=1.0, description="MultiStepLR gamma")
-    warmup_steps: int = Field(0, ge=0, description="warmup_cosine: iterations of linear warmup from 0")
-    amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
-    max_train_batches: int | None = Field(None, gt=0, description="cap on batches per epoch (smoke runs); None = all")
-    max_test_batches: int | None = Field(None, gt=0, description="cap on evaluation batches (smoke runs); None = all")
+    warmup_steps: int = Field(default=0, ge=0, description="warmup_cosine: iterations of linear warmup from 0")
+    amp: bool = Field(default=True, description="bf16 autocast on CUDA (ignored on CPU)")
+    max_train_batches: int | None = Field(default=None, gt=0, description="cap on batches per epoch (smoke runs); None = all")
+    max_test_batches: int | None = Field(default=None, gt=0, description="cap on evaluation batches (smoke runs); None = all")
 
     @field_validator("lr_drops")
     @classmethod
@@ -132,7 +133,7 @@ def _model_at(cls: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     return cls
 
 
-def _describe(errors: list[dict], root: type[BaseModel], *, partial: bool = False) -> list[tuple[str, str]]:
+def _describe(errors: list[ErrorDetails], root: type[BaseModel], *, partial: bool = False) -> list[tuple[str, str]]:
     """(key path, message) per pydantic error. ``partial``: the input is a part of a configuration that is
     merged with others before it runs (a params file's ``base``, a setting's ``config``, ...), so missing
     keys and checks that need the whole section (e.g. momentum vs optimizer) are left to the merged run."""
@@ -198,7 +199,7 @@ def name_problems(raw: Mapping[str, Any], *, runnable: bool = False) -> list[tup
     judged here (the structural validation says which are required)."""
     from dpai_lib import data as datamod
     from dpai_lib.models import MODELS, TORCHVISION_PREFIX, list_models
-    from dpai_lib.pruners import PRUNERS, check_options, list_pruners
+    from dpai_lib.pruners import check_options, list_pruners, needs_data
 
     problems: list[tuple[str, str]] = []
     data, model, prune = _mapping(raw.get("data")), _mapping(raw.get("model")), _mapping(raw.get("prune"))
@@ -232,7 +233,7 @@ def name_problems(raw: Mapping[str, Any], *, runnable: bool = False) -> list[tup
             problems.append(("prune.method", unknown("pruner", method, list_pruners())))
         else:
             problems += [(f"prune.options.{k}", m) for k, m in check_options(method, _mapping(prune.get("options")))]
-            if runnable and PRUNERS.get(method).needs_data and (
+            if runnable and needs_data(method) and (
                     prune.get("data_batches") is None or prune.get("data_batch_size") is None):
                 problems.append(("prune.data_batches", f"pruner {method!r} scores weights with data: set both "
                                  "prune.data_batches and prune.data_batch_size (the number and size of the "

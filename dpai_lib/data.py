@@ -156,18 +156,21 @@ class ImageFileDataset(Dataset):
 
 
 class _Source:
-    """How to describe and load one data set. ``options`` maps allowed option names to defaults."""
+    """How to describe and load one data set. ``options`` maps allowed option names to defaults.
+
+    ``info``, ``tensors`` and ``dataset`` take the options as keywords; each source declares its own (checked
+    against ``options`` by :func:`_source` before any call), hence the open ``*args: Any, **options: Any`` here."""
 
     options: ClassVar[dict[str, Any]] = {}
 
-    def info(self, **options: Any) -> DataInfo:
+    def info(self, *args: Any, **options: Any) -> DataInfo:
         raise NotImplementedError
 
-    def tensors(self, split: str, root: Path, download: bool, **options: Any) -> TensorData:
+    def tensors(self, split: str, root: Path, download: bool, *args: Any, **options: Any) -> TensorData:
         raise NotImplementedError
 
-    def dataset(self, split: str, root: Path, download: bool, augment: bool, **options: Any) -> Dataset:
-        return TensorImageDataset(self.tensors(split, root, download, **options), augment)
+    def dataset(self, split: str, root: Path, download: bool, augment: bool, *args: Any, **options: Any) -> Dataset:
+        return TensorImageDataset(self.tensors(split, root, download, *args, **options), augment)
 
 
 DATASETS: Registry[_Source] = Registry("data set")

@@ -246,7 +246,7 @@ class MaskEnforcer:
     def __init__(self, model: nn.Module, masks: Masks, optimizer: torch.optim.Optimizer | None = None) -> None:
         masks.validate(model)
         params = prunable_parameters(model)
-        self.params = [params[n] for n in masks]
+        self.params: list[torch.Tensor] = [params[n] for n in masks]
         self.masks = [masks[n].to(device=p.device, dtype=p.dtype) for n, p in zip(masks, self.params)]
         self._handle = optimizer.register_step_post_hook(lambda *_: self()) if optimizer is not None else None
         self()

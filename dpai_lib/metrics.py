@@ -53,6 +53,7 @@ import math
 import operator
 import warnings
 from collections.abc import Callable, Mapping
+from types import EllipsisType
 from typing import Any
 
 import torch
@@ -61,7 +62,7 @@ from torch import fx, nn
 from torch.nn.modules.utils import _ntuple
 
 from dpai_lib.masks import Masks, prunable_parameters
-from dpai_lib.paths import ReleasePathCount, pruning_network
+from dpai_lib.paths import ReleasePathCount, pruning_network, target_name
 
 VARIANTS = ("exact", "dpai", "npb")
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -106,7 +107,8 @@ def _window_sum(pool: nn.Module, x: torch.Tensor) -> torch.Tensor:
     ones = torch.ones((x.shape[1], 1, *k), dtype=x.dtype, device=x.device)
     conv = (F.conv1d, F.conv2d, F.conv3d)[n - 1]
     y = conv(F.pad(x, pads), ones, stride=s, dilation=d, groups=x.shape[1])
-    return y[(..., *[slice(0, o) for o in out])]
+    window: tuple[EllipsisType | slice, ...] = (..., *[slice(0, o) for o in out])
+    return y[window]
 
 
 def _adaptive_sum(pool: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -115,7 +117,8 @@ def _adaptive_sum(pool: nn.Module, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError("exact path counting: adaptive pooling with return_indices=True")
     n = x.dim() - 2
     sizes = [L if o is None else o for o, L in zip(_ntuple(n)(pool.output_size), x.shape[2:])]
-    y = (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)[n - 1](x, sizes)
+    pools: tuple[Callable[..., torch.Tensor], ...] = (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)
+    y = pools[n - 1](x, sizes)
     for i, (L, o) in enumerate(zip(x.shape[2:], sizes)):
         j = torch.arange(o, device=x.device)
         width = -((-(j + 1) * L) // o) - (j * L) // o  # ceil((j+1)L/o) - floor(jL/o)
@@ -148,8 +151,13 @@ class _Reach(torch.autograd.Function):
 
 
 def _has_paths(value: Any) -> bool:
-    found = []
-    fx.node.map_aggregate(value, lambda a: found.append(isinstance(a, _Paths)) or a)
+    found: list[bool] = []
+
+    def visit(a: Any) -> Any:
+        found.append(isinstance(a, _Paths))
+        return a
+
+    fx.node.map_aggregate(value, visit)
     return any(found)
 
 
@@ -189,18 +197,22 @@ class PathCounter:
                 return lambda ctx, default=node.args[0]: default
             raise NotImplementedError(f"exact path counting: forward() input {node.target!r} has no default")
         if node.op == "get_attr":
-            return lambda ctx: functools.reduce(getattr, node.target.split("."), self.graph_module)
+            attr = target_name(node)
+            return lambda ctx: functools.reduce(getattr, attr.split("."), self.graph_module)
         if node.op == "output":
             return lambda ctx, out: out
         if node.op == "call_module":
-            m = modules[node.target]
-            return functools.partial(self._dispatch, self._plan_module(m, node.target, weight_name), m)
-        fn = node.target
+            target = target_name(node)
+            m = modules[target]
+            return functools.partial(self._dispatch, self._plan_module(m, target, weight_name), m)
         if node.op == "call_method":
-            raw: Callable = lambda x, *a, **k: getattr(x, fn)(*a, **k)  # noqa: E731
-            what = f"tensor method .{fn}()"
-            key: Any = {"add_": "add", "__add__": "add", "__iadd__": "add", "mul_": "mul", "div_": "div"}.get(fn, fn)
-        else:
+            method = target_name(node)
+            raw: Callable = lambda x, *a, **k: getattr(x, method)(*a, **k)  # noqa: E731
+            what = f"tensor method .{method}()"
+            key: Any = {"add_": "add", "__add__": "add", "__iadd__": "add", "mul_": "mul", "div_": "div"}.get(method, method)
+        else:  # call_function: the target is the function itself
+            fn = node.target
+            assert callable(fn), f"call_function node with a non-callable target {fn!r}"
             raw, what, key = fn, f"function {getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', fn)}", fn
         return functools.partial(self._dispatch, self._path_op(node.op, key, raw, what), raw)
 
@@ -326,13 +338,16 @@ class PathCounter:
 
     def __call__(self, weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
         vs, s = self._align(self._run(weights, reach=False))
-        return torch.log(sum(v.sum() for v in vs)) + s
+        total = sum(v.sum() for v in vs)
+        assert isinstance(total, torch.Tensor)  # _run returns at least one output (it raises otherwise)
+        return torch.log(total) + s
 
     def effective(self, masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Bool tensor per prunable parameter: kept and on at least one input->output path (exact)."""
         device = next(iter(masks.values())).device if masks else torch.device("cpu")
         w = {n: torch.as_tensor(m, device=device).to(self.dtype).requires_grad_() for n, m in masks.items()}
         total = sum(p.v.sum() for p in self._run(w, reach=True))
+        assert isinstance(total, torch.Tensor)  # _run returns at least one output (it raises otherwise)
         grads = (torch.autograd.grad(total, list(w.values()), allow_unused=True) if total.requires_grad
                  else [None] * len(w))
         return {n: (g > 0) & (t.detach() != 0) if g is not None else torch.zeros_like(t, dtype=torch.bool)
@@ -355,7 +370,7 @@ def _out_nodes(eff: torch.Tensor) -> int:
     return int(eff.flatten(1).any(1).sum()) if eff.dim() > 1 else int(eff.sum())
 
 
-def _summary(variant: str, log_paths: float, eff: Mapping[str, torch.Tensor], masks: Masks,
+def _summary(variant: str, log_paths: float | torch.Tensor, eff: Mapping[str, torch.Tensor], masks: Masks,
              nodes: Callable[[str, torch.Tensor], int] = lambda name, e: _out_nodes(e)) -> dict:
     layers = {n: {"nodes": nodes(n, e.cpu()), "kernels": _kernels(e.cpu()), "params": int(e.sum()),
                   "kept": int(masks[n].sum())} for n, e in eff.items()}
@@ -395,6 +410,12 @@ def _dpai_stats(model: nn.Module, masks: Masks, input_shape: tuple[int, ...]) ->
     return _summary("dpai", log_paths.item(), eff, masks)
 
 
+def _replace_forward(module: nn.Module, forward: Callable[..., Any]) -> None:
+    """Give ``module`` its own ``forward`` (an instance attribute; ``nn.Module`` declares ``forward`` as a
+    replaceable callable, its subclasses as a method)."""
+    module.forward = forward
+
+
 def _npb_stats(model: nn.Module, masks: Masks, input_shape: tuple[int, ...]) -> dict:
     """NPB's ``measure_node_path``, on a float64 CPU copy in eval mode.
 
@@ -419,10 +440,10 @@ def _npb_stats(model: nn.Module, masks: Masks, input_shape: tuple[int, ...]) -> 
             p.copy_(masks[n])
     for m in net.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.forward = lambda x: x
+            _replace_forward(m, lambda x: x)
         elif isinstance(m, (nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd)):
             pool = _window_sum if isinstance(m, nn.modules.pooling._AvgPoolNd) else _adaptive_sum
-            m.forward = functools.partial(pool, m)
+            _replace_forward(m, functools.partial(pool, m))
     total = net(torch.ones((1, *input_shape), dtype=torch.float64)).sum()
     total.backward()
     count = total.item()

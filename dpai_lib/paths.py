@@ -48,7 +48,8 @@ IDENTITY_FUNCTIONS = frozenset(
         F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.leaky_relu, F.leaky_relu_, F.elu, F.elu_, F.selu,
         torch.selu, torch.selu_, F.celu, F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid, F.hardtanh,
         F.hardtanh_, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.softplus, F.softsign, F.logsigmoid,
-        F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, F.threshold, F.threshold_, F.prelu,
+        # torch.threshold_ is F.threshold_ (the same object; torch's functional.pyi does not declare F.threshold_)
+        F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, F.threshold, torch.threshold_, F.prelu,
         F.rrelu, F.rrelu_, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
         F.feature_alpha_dropout, torch.dropout, torch.dropout_, F.batch_norm, F.layer_norm, F.group_norm,
         F.instance_norm, F.local_response_norm, getattr(F, "rms_norm", None),
@@ -86,10 +87,17 @@ def trace(model: nn.Module) -> fx.GraphModule:
     return fx.GraphModule(model, graph, class_name=type(model).__name__)
 
 
+def target_name(node: fx.Node) -> str:
+    """The qualified name a ``call_module``, ``call_method`` or ``get_attr`` node targets (``torch.fx`` keeps
+    a callable as the target of ``call_function`` nodes only)."""
+    assert isinstance(node.target, str), f"{node.op} node with a non-name target {node.target!r}"
+    return node.target
+
+
 def is_identity(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     """Whether a graph node is an identity of the pruning network (module, function or method)."""
     if node.op == "call_module":
-        return isinstance(modules[node.target], identity_modules())
+        return isinstance(modules[target_name(node)], identity_modules())
     if node.op == "call_function":
         return node.target in IDENTITY_FUNCTIONS
     if node.op == "call_method":
@@ -113,8 +121,9 @@ def pruning_network(model: nn.Module) -> fx.GraphModule:
     net = copy.deepcopy(model).eval()
     with torch.no_grad():
         for module in net.modules():
-            if isinstance(getattr(module, "pos_embedding", None), torch.Tensor):
-                module.pos_embedding.zero_()
+            pos_embedding = getattr(module, "pos_embedding", None)
+            if isinstance(pos_embedding, torch.Tensor):
+                pos_embedding.zero_()
     gm = trace(net)
     modules = dict(gm.named_modules())
     for node in list(gm.graph.nodes):

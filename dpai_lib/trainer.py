@@ -14,10 +14,10 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sized
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -70,18 +70,24 @@ def _batches(
     data: TensorData | Dataset, batch_size: int, *, train: bool, generator: torch.Generator | None,
     device: torch.device, num_workers: int,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    assert generator is not None or not train, "training batches are drawn with the epoch's generator"
+    rng = generator if train else None  # not None exactly when train
     if isinstance(data, TensorData):
         n = len(data)
-        order = torch.randperm(n, generator=generator, device=generator.device) if train else None
+        order = torch.randperm(n, generator=rng, device=rng.device) if rng is not None else None
         images, labels = data.images, data.labels
         for start in range(0, n, batch_size):
-            idx = order[start:start + batch_size] if order is not None else slice(start, start + batch_size)
-            x = images[idx.to(images.device) if order is not None else idx].to(device, non_blocking=True)
-            y = labels[idx.to(labels.device) if order is not None else idx].to(device, non_blocking=True)
-            yield (augment(x, data.info, generator) if train else normalize(x, data.info)), y
+            if order is not None:
+                idx = order[start:start + batch_size]
+                x = images[idx.to(images.device)].to(device, non_blocking=True)
+                y = labels[idx.to(labels.device)].to(device, non_blocking=True)
+            else:
+                x = images[start:start + batch_size].to(device, non_blocking=True)
+                y = labels[start:start + batch_size].to(device, non_blocking=True)
+            yield (augment(x, data.info, rng) if rng is not None else normalize(x, data.info)), y
     else:
-        cpu_gen = (torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=generator, device=generator.device)))
-                   if train else None)
+        cpu_gen = (torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=rng, device=rng.device)))
+                   if rng is not None else None)
         loader = DataLoader(data, batch_size=batch_size, shuffle=train, generator=cpu_gen, num_workers=num_workers,
                             pin_memory=device.type == "cuda", drop_last=False)
         for x, y in loader:
@@ -89,7 +95,7 @@ def _batches(
 
 
 def _num_batches(data: TensorData | Dataset, batch_size: int, cap: int | None) -> int:
-    n = math.ceil(len(data) / batch_size)
+    n = math.ceil(len(cast(Sized, data)) / batch_size)  # map-style data sets have a length (DataLoader needs it)
     return min(n, cap) if cap else n
 
 

@@ -56,8 +56,8 @@ def check_int(name: str, value: object, minimum: int, *, allow_none: bool = Fals
 
 
 def check_positive(name: str, value: object, *, allow_zero: bool = False) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (value == 0 and not allow_zero):
+    if (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
+            or value < 0 or (value == 0 and not allow_zero)):
         raise ValueError(f"{name}={value!r} is not allowed; use a finite number {'>=' if allow_zero else '>'} 0")
     return float(value)
 

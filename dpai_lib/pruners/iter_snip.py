@@ -128,4 +128,5 @@ def iter_snip_prune(
         batches_per_iteration=batches_per_iteration, train_mode=train_mode, scope=scope, budget=budget, ties=ties,
     ):
         pass
+    assert masks is not None  # iterations >= 1 is checked, so at least one round ran
     return masks

@@ -129,9 +129,10 @@ import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeAlias
 
 import numpy as np
+import numpy.typing as npt
 import scipy.sparse as sp
 import torch
 from scipy.optimize import Bounds, LinearConstraint, milp
@@ -155,6 +156,7 @@ class NPBTimeLimitWarning(RuntimeWarning):
 
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_Layer: TypeAlias = nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d  # the layers NPB handles
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -275,15 +277,19 @@ def solve_layer(p_in: Sequence[float] | np.ndarray, c_out: int, n: int, *, kmax:
     mp = path_normaliser(p, c_out, n, kmax, variant)
     if mp > 0 and alpha < 1:
         c[:nk] = -(1 - alpha) * scale * np.repeat(p / mp, c_out)
-    blocks, lbs, ubs = [], [], []
+    blocks = []
+    lbs: list[npt.ArrayLike] = []
+    ubs: list[npt.ArrayLike] = []
     # sum(M) = n
     blocks.append(sp.hstack([sp.csr_matrix(np.ones((1, nk))), sp.csr_matrix((1, n_e + n_uv))]))
-    lbs.append([n]), ubs.append([n])
+    lbs.append([n])
+    ubs.append([n])
     if use_reg:
         c[nk:2 * nk] = -beta * scale / n
         eye = sp.identity(nk, format="csr")
         blocks.append(sp.hstack([-eye, eye, sp.csr_matrix((nk, n_uv))]))  # e_ij - M_ij <= 0
-        lbs.append(np.full(nk, -np.inf)), ubs.append(np.zeros(nk))
+        lbs.append(np.full(nk, -np.inf))
+        ubs.append(np.zeros(nk))
     if use_node:
         c[nk + n_e:] = alpha * scale / (c_in + c_out)
         row_sum = sp.kron(sp.identity(c_in), np.ones((1, c_out)), format="csr")
@@ -292,7 +298,8 @@ def solve_layer(p_in: Sequence[float] | np.ndarray, c_out: int, n: int, *, kmax:
                                  sp.csr_matrix((c_in, c_out))]))  # u_i + sum_j M_ij >= min_n
         blocks.append(sp.hstack([col_sum, sp.csr_matrix((c_out, n_e)), sp.csr_matrix((c_out, c_in)),
                                  sp.identity(c_out)]))  # v_j + sum_i M_ij >= min_n
-        lbs.append(np.full(c_in + c_out, float(min_n))), ubs.append(np.full(c_in + c_out, np.inf))
+        lbs.append(np.full(c_in + c_out, float(min_n)))
+        ubs.append(np.full(c_in + c_out, np.inf))
     A = sp.vstack(blocks, format="csr")
     lower = np.zeros(nv)
     upper = np.concatenate([np.full(nk, float(kmax)), np.ones(n_e), np.full(n_uv, float(min_n))])
@@ -413,21 +420,21 @@ def _path_counting_copy(model: nn.Module) -> nn.Module:
     return net
 
 
-def _supported_layers(net: nn.Module) -> dict[str, nn.Module]:
+def _supported_layers(net: nn.Module) -> dict[str, _Layer]:
     """name of the prunable weight -> its module; raises for layer types NPB cannot handle."""
-    owners = {}
+    owners: dict[int, nn.Module] = {}
     for module in net.modules():
         w = getattr(module, "weight", None)
         if isinstance(w, nn.Parameter):
             owners.setdefault(id(w), module)
-    layers = {}
+    layers: dict[str, _Layer] = {}
     for name, p in prunable_parameters(net).items():
-        module = owners.get(id(p))
-        if isinstance(module, nn.Linear) or (isinstance(module, _CONV_TYPES) and module.groups == 1):
-            layers[name] = module
+        owner = owners.get(id(p))
+        if isinstance(owner, nn.Linear) or (isinstance(owner, _CONV_TYPES) and owner.groups == 1):
+            layers[name] = owner
         else:
-            what = type(module).__name__ if module is not None else "a raw parameter"
-            extra = f" with groups={module.groups}" if isinstance(module, _CONV_TYPES) else ""
+            what = type(owner).__name__ if owner is not None else "a raw parameter"
+            extra = f" with groups={owner.groups}" if isinstance(owner, _CONV_TYPES) else ""
             raise ValueError(
                 f"npb: prunable parameter {name!r} belongs to {what}{extra}; NPB handles nn.Conv1d/2d/3d "
                 "with groups=1 and nn.Linear only"
@@ -461,7 +468,7 @@ def _expand(M: np.ndarray, kernel: int, gen: torch.Generator) -> torch.Tensor:
     return ranks < counts.unsqueeze(-1)
 
 
-def _forward_order(net: nn.Module, layers: dict[str, nn.Module], x: torch.Tensor) -> tuple[list[str], set[str]]:
+def _forward_order(net: nn.Module, layers: dict[str, _Layer], x: torch.Tensor) -> tuple[list[str], set[str]]:
     """Prunable layers in the order the forward calls them, and the shortcut convolutions."""
     by_module = {id(m): n for n, m in layers.items()}
     order: list[str] = []
@@ -508,7 +515,7 @@ def _path_gradients(net: nn.Module, weights: list[torch.Tensor], x: torch.Tensor
     return grads
 
 
-def _fine_tune(net: nn.Module, layers: dict[str, nn.Module], order: list[str], x: torch.Tensor,
+def _fine_tune(net: nn.Module, layers: dict[str, _Layer], order: list[str], x: torch.Tensor,
                reports: dict[str, LayerReport]) -> None:
     """variant "library": move kept weights that lie on no input-to-output path to the pruned positions
     that add the most paths (gradient of the summed output), layer by layer in forward order."""
@@ -573,7 +580,7 @@ def _ungroup(t: torch.Tensor, shape: torch.Size, columns: bool) -> torch.Tensor:
     return t.reshape(shape)
 
 
-def _fine_tune_release(net: nn.Module, layers: dict[str, nn.Module], order: list[str], shortcuts: set[str],
+def _fine_tune_release(net: nn.Module, layers: dict[str, _Layer], order: list[str], shortcuts: set[str],
                        x: torch.Tensor, reports: dict[str, LayerReport]) -> None:
     """variant "release" (NPB's ``fine_tune_mask`` with exact counts): convolutions in forward order; a
     layer with more than one ineffective kept weight drops them and refills as many positions by
@@ -651,7 +658,7 @@ def npb_masks_and_report(
     by_module = {id(m): n for n, m in layers.items()}
     gen = torch.Generator().manual_seed(int(seed))
     reports: dict[str, LayerReport] = {}
-    state = {"max_p": max_p}
+    state: dict[str, int | None] = {"max_p": max_p}
 
     def decide(module: nn.Module, args: tuple) -> None:
         name = by_module[id(module)]
@@ -659,11 +666,13 @@ def npb_masks_and_report(
             return
         t0 = time.perf_counter()
         if len(reports) in drops:  # NPB's VGG schedule: lowered from this layer on, with no floor
-            state["max_p"] = max(1, state["max_p"] - max_p_step)
+            current = state["max_p"]
+            assert current is not None  # max_p_drop_layers with max_p None is rejected above
+            state["max_p"] = max(1, current - max_p_step)
         p_in = _input_mass(module, args[0])
         if not np.all(np.isfinite(p_in)):
             raise ValueError(f"npb: path counts overflow float64 at {name!r}")
-        w = module.weight
+        w = layers[name].weight  # layers[name] is module
         c_out, c_in = w.shape[0], w.shape[1]
         kernel = math.prod(w.shape[2:])
         n = counts[name]
@@ -694,7 +703,10 @@ def npb_masks_and_report(
             sol = solve_layer(p_in, b - a, n_c, kmax=k_c, alpha=float(alpha), beta=beta_l, min_n=min_n_c,
                               time_limit_s=time_limit_s, mip_rel_gap=mip_rel_gap, variant=variant)
             M[:, a:b] = sol.M
-            kmaxes.append(k_c), min_ns.append(min_n_c), statuses.append(sol.status), objectives.append(sol.objective)
+            kmaxes.append(k_c)
+            min_ns.append(min_n_c)
+            statuses.append(sol.status)
+            objectives.append(sol.objective)
         mask = _expand(M, kernel, gen).reshape(w.shape)
         with torch.no_grad():
             w.copy_(mask.to(w.dtype))

@@ -139,4 +139,5 @@ def synflow_prune(
         train_mode=train_mode, scope=scope, budget=budget, ties=ties,
     ):
         pass
+    assert masks is not None  # iterations >= 1 is checked, so at least one round ran
     return masks
