@@ -16,7 +16,7 @@ MATHJAX_DIR := .cache/mathjax
 MATHJAX := $(MATHJAX_DIR)/static/mathjax/tex-chtml.js
 LAB_OVERRIDES := $(VENV)/share/jupyter/lab/settings/overrides.json
 
-.PHONY: help setup data smoke lint test bench book book-build lab browser clean
+.PHONY: help setup data smoke lint test bench gpu-check book book-build lab browser clean
 
 help:
 	@echo "make book    set up, run the smoke tier of artefacts without data, collect, build the book (offline)"
@@ -25,6 +25,7 @@ help:
 	@echo "make smoke   prune ResNet-20 (random ERK, 90%), train 1 epoch on Fashion-MNIST, print the run record"
 	@echo "make lab     JupyterLab with jupytext: book/ and book/experiments/ .md files open as notebooks"
 	@echo "make bench   trainer throughput benchmark"
+	@echo "make gpu-check  the CUDA paths, DPaI on CUDA vs CPU, throughput and a Fashion-MNIST run (one GPU, <= 8 min)"
 	@echo "make setup   create .venv with the pinned stack"
 
 setup: $(VENV)/.installed
@@ -61,6 +62,15 @@ test: setup data browser lint
 
 bench: setup data
 	$(PY) -m dpai_lib.bench train
+
+# One CUDA device, <= 8 minutes (dpai_lib/gpu_check.py): stops at once with one line where there is none;
+# writes $(GPU_CHECK_OUT)/gpu_check.json, which book/cpu_fmnist.md shows.
+GPU_CHECK_OUT ?= results/gpu_check
+gpu-check: setup
+	@$(PY) -c "import sys, torch; from dpai_lib.gpu_check import no_cuda_message as m; \
+	  torch.cuda.is_available() or sys.exit(m())"
+	@$(MAKE) --no-print-directory data
+	$(PY) -m dpai_lib.gpu_check --out $(GPU_CHECK_OUT)
 
 # The smoke tier runs on generated data (no data set needed); a run that already has a record is skipped.
 book: setup

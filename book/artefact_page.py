@@ -1,4 +1,4 @@
-"""What the eight artefact pages of the book share: read an artefact's results through
+"""What the artefact pages of the book share: read an artefact's results through
 ``dpai_lib.results``, label what is shown by run tier, device and threads, count finished runs, and put
 the paper's numbers beside ours.
 
@@ -26,9 +26,11 @@ STAGE_WORDS = {"prune": "data-free masks (stage prune)", "all": "pruned and trai
 SETTING_NAMES = {"resnet20_cifar10": "ResNet-20 / CIFAR-10", "vgg19_cifar100": "VGG-19 / CIFAR-100",
                  "resnet18_tinyimagenet": "ResNet-18 / Tiny-ImageNet",
                  "efficientnet_b0_imagenet": "EfficientNet-B0 / ImageNet-1K",
-                 "vit_b16_tinyimagenet": "ViT-B/16 / Tiny-ImageNet"}
+                 "vit_b16_tinyimagenet": "ViT-B/16 / Tiny-ImageNet",
+                 "resnet20_fmnist": "ResNet-20 / Fashion-MNIST (offline stand-in)"}
 METHOD_NAMES = {"random": "Random", "snip": "SNIP", "iter_snip": "Iter-SNIP", "synflow": "SynFlow",
-                "phew": "PHEW", "npb": "NPB", "dpai": "DPaI", "dpai_exact": "DPaI (exact count)"}
+                "phew": "PHEW", "npb": "NPB", "dpai": "DPaI", "dpai_exact": "DPaI (exact count)",
+                "grasp": "GraSP"}  # GraSP last: pages zip METHOD_ORDER with their markers
 METHOD_ORDER = list(METHOD_NAMES)
 TEXT_COLUMNS = {"artefact", "setting", "method", "pruner", "tier", "stage", "dataset", "model", "run_id",
                 "status", "error", "device_name", "git_commit"}
