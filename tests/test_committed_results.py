@@ -23,7 +23,7 @@ DATA_FREE = ["fig1_main", "fig2_alpha_beta", "fig3_prune_time", "fig5_convergenc
 # pruner and model versions) and are being recomputed: dpai v2 (activations are identities however a model
 # spells them), npb v2 (NPB as released by default), resnet18 v2 (the release's init, classifier without
 # bias), synflow v2 (float64 ranking). Remove a pair once its seed-0 runs are committed again; the last test keeps this list honest.
-PENDING = {("resnet20", "dpai"), ("resnet18", "dpai"), ("vgg19_bn", "dpai")}
+PENDING = {("resnet20", "dpai"), ("resnet18", "dpai")}
 
 
 def test_every_committed_record_is_current_finished_clean_and_not_smoke():
