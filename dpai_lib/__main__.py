@@ -148,10 +148,11 @@ def _check_params_home(path: Path, params_dir: Path) -> None:
                     f"{home} by name, {why}; copy this file there (and keep its name) to run it")
 
 
-def _check_only(items: list[str], runs: list, source: str) -> None:
+def _check_only(items: list[str], runs: list, source: str) -> list[str]:
     """Every ``--only`` key and value must select something among ``runs`` (the unfiltered runs of the tier),
-    else the sweep would silently plan nothing."""
-    from dpai_lib.pipeline import FILTER_KEYS
+    else the sweep would silently plan nothing. Returns the items with each sparsity written in full (a
+    sparsity may be given to the precision it is shown with: ``sparsity=0.9968``)."""
+    from dpai_lib.pipeline import FILTER_KEYS, sparsities_matching
 
     present: dict[str, list[Any]] = {k: [] for k in FILTER_KEYS}
     for r in runs:
@@ -159,6 +160,7 @@ def _check_only(items: list[str], runs: list, source: str) -> None:
                            ("seed", r.config.seed), ("model", r.config.model.name), ("dataset", r.config.data.name)):
             if value not in present[key]:
                 present[key].append(value)
+    resolved = []
     for item in items:
         key, sep, text = item.partition("=")
         if key not in FILTER_KEYS:
@@ -167,20 +169,31 @@ def _check_only(items: list[str], runs: list, source: str) -> None:
         if not sep or not text or "" in text.split(","):
             raise UserError(f"--only {item}: expected {key}=value[,value...]; {key} values here: "
                             f"{', '.join(map(str, present[key]))}")
+        values = []
         for value in text.split(","):
             if key == "sparsity":
                 try:
-                    number = float(value)
+                    found = sparsities_matching(value, present[key])
                 except ValueError:
                     raise UserError(f"--only {item}: sparsity {value!r} is not a number; sparsities here: "
                                     f"{', '.join(map(str, present[key]))}") from None
-                found = any(abs(v - number) < 1e-6 * max(1.0, abs(v)) for v in present[key])
+                if len(found) > 1:
+                    raise UserError(f"--only {item}: sparsity {value!r} could be any of "
+                                    f"{', '.join(map(str, found))}; write more digits")
+                if found:
+                    values.append(repr(found[0]))
+                    continue
+                nearest = min(present[key], key=lambda v: abs(v - float(value)), default=None)
+                hint = f" did you mean {nearest!r}?" if nearest is not None else ""
             else:
-                found = value in map(str, present[key])
-            if not found:
-                raise UserError(f"--only {item}: no run of {source} has {key} {value!r};"
-                                f"{suggest(value, map(str, present[key]))} {key} values here: "
-                                f"{', '.join(map(str, present[key]))}")
+                if value in map(str, present[key]):
+                    values.append(value)
+                    continue
+                hint = suggest(value, map(str, present[key]))
+            raise UserError(f"--only {item}: no run of {source} has {key} {value!r};{hint} {key} values here: "
+                            f"{', '.join(map(str, present[key]))}")
+        resolved.append(f"{key}={','.join(values)}")
+    return resolved
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -196,8 +209,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.executor == "local":
         _check_local_device(args.device)
     source = f"{params} in the {args.tier} tier"
-    _check_only(args.only, plan(params, args.tier, stage=args.stage), source)
-    only = parse_only(args.only)
+    only = parse_only(_check_only(args.only, plan(params, args.tier, stage=args.stage), source))
     if only and not plan(params, args.tier, only=only, stage=args.stage):
         raise UserError(f"--only {' '.join(args.only)}: each value occurs in {source}, but no run has them all")
     runs = plan(params, args.tier, only=only, shard=shard, stage=args.stage)

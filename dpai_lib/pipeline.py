@@ -98,6 +98,22 @@ def _matches(run: PlannedRun, only: dict[str, list[str]]) -> bool:
     return True
 
 
+def sparsities_matching(text: str, values: Iterable[float]) -> list[float]:
+    """The sparsities among ``values`` that ``text`` names: those equal to it (to 1e-6), else those that round
+    to it at the precision it is written with (``"0.9968"`` names 0.9968377223398316, the paper's compression
+    2.5). ``ValueError`` when ``text`` is not a number."""
+    number = float(text)
+    values = list(dict.fromkeys(values))
+    equal = [v for v in values if abs(v - number) < 1e-6 * max(1.0, abs(v))]
+    if equal:
+        return equal
+    mantissa = text.strip().lower().split("e")[0]
+    if "e" in text.lower() or "." not in mantissa:
+        return []  # no written precision to round to
+    decimals = len(mantissa.split(".")[1])
+    return [v for v in values if abs(v - number) <= 0.5 * 10.0 ** -decimals + 1e-12]
+
+
 def parse_only(items: Iterable[str]) -> dict[str, list[str]]:
     """``["method=dpai,npb", "seed=0"]`` -> ``{"method": ["dpai", "npb"], "seed": ["0"]}``."""
     out: dict[str, list[str]] = {}

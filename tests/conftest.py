@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import signal
+
 import pytest
+
+
+def sigint_as_at_a_terminal() -> None:
+    """``preexec_fn`` for a child that a test stops with SIGINT: the default action back, as under a terminal. A
+    shell that starts pytest in the background (``pytest &``, nohup) leaves SIGINT ignored in its children, and a
+    Python started so never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def train_cfg(**overrides):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import run_dict
+from conftest import run_dict, sigint_as_at_a_terminal
 
 from dpai_lib import __main__ as cli
 from dpai_lib import pipeline
@@ -149,6 +149,25 @@ def test_only_must_select_something_and_names_the_allowed_values(root, capsys):
     assert planned == []
 
 
+def test_only_takes_a_sparsity_as_written_to_its_precision(root, capsys):
+    """The paper's compressions 0.5 and 1.5 are 1 - 10**-0.5 and 1 - 10**-1.5: ``sparsity=0.9684`` names the
+    latter; a value that rounds to none, or to several, is refused with the nearest value / the candidates."""
+    _, planned = root
+    run = ["run", str(FIG1), "--tier", "paper", "--only", "setting=resnet20_cifar10", "method=dpai", "seed=0"]
+    assert cli.main([*run, "sparsity=0.9684,0.68"]) == 0
+    assert sorted(r.config.prune.sparsity for r in planned) == pytest.approx([1 - 10 ** -0.5, 1 - 10 ** -1.5], abs=1e-12)
+    planned.clear()
+    assert cli.main([*run, "sparsity=0.9"]) == 0  # an exact value is never widened (0.85..0.95)
+    assert [r.config.prune.sparsity for r in planned] == [0.9]
+    assert _err(capsys, [*run, "sparsity=0.997"]) == (
+        f"error: --only sparsity=0.997: no run of {FIG1} in the paper tier has sparsity '0.997'; did you mean "
+        "0.99? sparsity values here: 0.6837722339831621, 0.9, 0.9683772233983162, 0.99")
+    assert _err(capsys, [*run, "sparsity=1.0"]) == (
+        "error: --only sparsity=1.0: sparsity '1.0' could be any of 0.9683772233983162, 0.99; write more digits")
+    assert pipeline.sparsities_matching("1e-3", [0.001, 0.0012]) == [0.001]
+    assert pipeline.sparsities_matching("9e-1", [0.9683]) == []  # no written precision: equality only
+
+
 def test_a_params_file_outside_the_params_folder_is_refused_unless_identical(root, capsys, tmp_path_factory):
     tmp, planned = root
     elsewhere = tmp_path_factory.mktemp("elsewhere")
@@ -217,7 +236,8 @@ def test_ctrl_c_or_sigterm_stops_a_training_run_promptly_and_records_it(tmp_path
     records = tmp_path / "records"
     proc = subprocess.Popen([sys.executable, "-m", "dpai_lib", "train", str(path), "--records", str(records),
                              "--device", "cpu", "--no-progress"], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=sigint_as_at_a_terminal)
     deadline = time.monotonic() + 180  # imports and the model take long on a busy machine
     while not list(records.glob("*.json")) and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.5)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import sigint_as_at_a_terminal
 from test_pipeline import TINY as PIPELINE_TINY
 from test_pipeline import store_with
 
@@ -217,7 +218,7 @@ def test_ctrl_c_or_sigterm_stops_a_sweep_promptly_with_its_run_interrupted_and_n
             f"run_sweep(plan({str(params_file)!r}, 'smoke', only=parse_only(['seed=0'])), paths=p, device='cpu', "
             "threads=1, progress=False)")
     runner = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, cwd=ROOT, start_new_session=True)
+                              text=True, cwd=ROOT, start_new_session=True, preexec_fn=sigint_as_at_a_terminal)
     first = paths.work / run_id(runs[0].config) / "checkpoint.pt"
     deadline = time.time() + 240
     while time.time() < deadline and not first.exists() and runner.poll() is None:
