@@ -19,11 +19,6 @@ RECORDS = sorted((ROOT / "results" / "runs").glob("*.json"))
 # (ViT-B/16) are outside the issue's data-free list: their masks are made with their GPU training runs.
 DATA_FREE = ["fig1_main", "fig2_alpha_beta", "fig3_prune_time", "fig5_convergence", "table7_erk_vs_uniform",
              "table8_extreme"]
-# (model, method) pairs whose committed records were made stale by a code-version bump (run ids hash the
-# pruner and model versions) and are being recomputed: dpai v2 (activations are identities however a model
-# spells them), npb v2 (NPB as released by default), resnet18 v2 (the release's init, classifier without
-# bias), synflow v2 (float64 ranking). Remove a pair once its seed-0 runs are committed again; the last test keeps this list honest.
-PENDING = {("resnet20", "dpai"), ("resnet18", "dpai")}
 
 
 def test_every_committed_record_is_current_finished_clean_and_not_smoke():
@@ -54,20 +49,10 @@ def _seed0_data_free(artefact: str) -> tuple[list, set[str]]:
 
 @pytest.mark.parametrize("artefact", DATA_FREE)
 def test_the_data_free_seed_0_grid_is_committed(artefact):
-    """The issue's minimum: seed 0 of every cell that needs no data set, at the paper tier (except the
-    pairs being recomputed after a version bump, PENDING)."""
+    """The issue's minimum: seed 0 of every cell that needs no data set, at the paper tier, made by the current
+    pruner and model versions (run ids hash them: a version bump makes the old records stale and this fails
+    until they are recomputed)."""
     wanted, done = _seed0_data_free(artefact)
-    wanted = [r for r in wanted if (r.config.model.name, r.config.prune.method) not in PENDING]
     missing = [f"{r.setting}/{r.method}/{r.config.prune.sparsity:.4f}" for r in wanted if run_id(r.config) not in done]
     assert not missing, f"{artefact}: {len(missing)} of {len(wanted)} seed-0 data-free runs missing: {missing}"
 
-
-def test_pending_pairs_are_really_incomplete():
-    """A pair stays in PENDING only while some of its seed-0 data-free runs are missing."""
-    complete = set(PENDING)
-    for artefact in DATA_FREE:
-        wanted, done = _seed0_data_free(artefact)
-        for r in wanted:
-            if run_id(r.config) not in done:
-                complete.discard((r.config.model.name, r.config.prune.method))
-    assert not complete, f"recomputed, remove from PENDING: {sorted(complete)}"
