@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
 
 import pytest
 
@@ -12,6 +14,21 @@ def sigint_as_at_a_terminal() -> None:
     shell that starts pytest in the background (``pytest &``, nohup) leaves SIGINT ignored in its children, and a
     Python started so never raises KeyboardInterrupt."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture()
+def reap():
+    """``reap(proc)`` registers a child process that the test must not leave behind: at teardown, one still
+    running (a failed assertion, a timeout) is killed, with its process group when it leads one (its kernels)."""
+    procs: list[subprocess.Popen] = []
+    yield procs.append
+    for proc in procs:
+        if proc.poll() is None:
+            if os.getpgid(proc.pid) == proc.pid:
+                os.killpg(proc.pid, signal.SIGKILL)
+            else:
+                proc.kill()
+            proc.communicate()
 
 
 def train_cfg(**overrides):

@@ -228,7 +228,7 @@ def test_ctrl_c_is_one_line_and_status_130(capsys, monkeypatch):
 
 @pytest.mark.parametrize("sig,status,how", [(signal.SIGINT, 130, "interrupted (Ctrl-C)"),
                                             (signal.SIGTERM, 143, "terminated (SIGTERM)")])
-def test_ctrl_c_or_sigterm_stops_a_training_run_promptly_and_records_it(tmp_path, sig, status, how):
+def test_ctrl_c_or_sigterm_stops_a_training_run_promptly_and_records_it(tmp_path, sig, status, how, reap):
     raw = run_dict(train=None)
     raw["prune"] = {"method": "dpai", "sparsity": 0.99, "options": {"steps": 100_000}}  # hours: only Ctrl-C ends it
     path = tmp_path / "c.yaml"
@@ -238,6 +238,7 @@ def test_ctrl_c_or_sigterm_stops_a_training_run_promptly_and_records_it(tmp_path
                              "--device", "cpu", "--no-progress"], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
                             preexec_fn=sigint_as_at_a_terminal)
+    reap(proc)
     deadline = time.monotonic() + 180  # imports and the model take long on a busy machine
     while not list(records.glob("*.json")) and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.5)

@@ -207,7 +207,8 @@ def _gone(pid: int) -> bool:
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the kernel through /proc")
 @pytest.mark.parametrize("sig,raised", [(signal.SIGINT, "KeyboardInterrupt"), (signal.SIGTERM, "Terminated")])
-def test_ctrl_c_or_sigterm_stops_a_sweep_promptly_with_its_run_interrupted_and_nothing_left_held(tiny, sig, raised):
+def test_ctrl_c_or_sigterm_stops_a_sweep_promptly_with_its_run_interrupted_and_nothing_left_held(
+        tiny, sig, raised, reap):
     params_file, paths = tiny
     raw = dict(TINY)
     raw["base"] = dict(TINY["base"], train=dict(TINY["base"]["train"], epochs=400))  # a run of minutes
@@ -219,6 +220,7 @@ def test_ctrl_c_or_sigterm_stops_a_sweep_promptly_with_its_run_interrupted_and_n
             "threads=1, progress=False)")
     runner = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, cwd=ROOT, start_new_session=True, preexec_fn=sigint_as_at_a_terminal)
+    reap(runner)
     first = paths.work / run_id(runs[0].config) / "checkpoint.pt"
     deadline = time.time() + 240
     while time.time() < deadline and not first.exists() and runner.poll() is None:
