@@ -83,7 +83,8 @@ def rank_correlations(trained: pd.DataFrame, column: str = "final_test_acc") -> 
 
 def _margin(stats: pd.DataFrame, s: float, method: str) -> dict[str, Any] | None:
     """``method``'s mean minus the best other method's at sparsity ``s``, and whether the gap exceeds two
-    standard errors of the difference (seed-to-seed noise); None if either is missing."""
+    standard errors of the difference (seed-to-seed noise); None if either is missing. The standard error
+    needs a sample std on both sides: where either mean is a single seed it is NaN and no gap is clear."""
     at = stats[same_sparsity(stats["sparsity"], s)]
     own = at[at["method"] == method]
     others = at[at["method"] != method]
@@ -91,11 +92,11 @@ def _margin(stats: pd.DataFrame, s: float, method: str) -> dict[str, Any] | None
         return None
     best = others.loc[others["mean"].idxmax()]
     o = own.iloc[0]
-    se = math.sqrt(sum((r["std"] ** 2) / r["n"] for r in (o, best) if not pd.isna(r["std"])))
+    se = math.sqrt(sum((r["std"] ** 2) / r["n"] for r in (o, best)))  # NaN when either std is (one seed)
     gap = float(o["mean"] - best["mean"])
     rank = int((at["mean"] > o["mean"]).sum()) + 1
     return {"gap": gap, "other": best["method"], "rank": rank, "of": len(at), "se": se,
-            "clear": bool(se > 0 and abs(gap) > 2 * se)}
+            "clear": bool(math.isfinite(se) and se > 0 and abs(gap) > 2 * se)}
 
 
 def _verdict(hits: int, total: int) -> str:
@@ -113,7 +114,8 @@ def claims(stats: pd.DataFrame, corr: pd.DataFrame, sparsities: list[float]) -> 
     seen = {s: m for s, m in margins.items() if m is not None}
     evidence = "; ".join(
         f"{pct(s)}: rank {m['rank']} of {m['of']}, {m['gap']:+.2f} points vs {name(m['other'])}"
-        + (" (beyond 2 SE)" if m["clear"] else " (within 2 SE of seed noise)" if m["se"] > 0 else "")
+        + (" (beyond 2 SE)" if m["clear"] else " (within 2 SE of seed noise)" if m["se"] > 0
+           else " (one seed on a side: noise not estimated)" if math.isnan(m["se"]) else "")
         for s, m in seen.items())
     out.append({"claim": "DPaI is the most accurate method (Figure 1)",
                 "verdict": _verdict(sum(m["rank"] == 1 for m in seen.values()), len(seen)) + (

@@ -8,6 +8,7 @@ Pages import it from their working folder (``_config.yml``: ``run_in_temp: false
 
 from __future__ import annotations
 
+import html
 from functools import cached_property
 
 import numpy as np
@@ -119,8 +120,10 @@ def pick(frame: pd.DataFrame, method: str, sparsity: float) -> pd.DataFrame:
 
 
 def show(df: pd.DataFrame, caption: str) -> None:
-    """A table with a caption, no index, missing values as empty cells."""
-    display(df.style.hide(axis="index").set_caption(caption).format(na_rep=""))
+    """A table with a caption, no index, missing values as empty cells; cells and caption are HTML-escaped
+    (a Styler writes them raw: "p < 0.05" or "<lambda>" would reach the page as markup)."""
+    display(df.style.hide(axis="index").set_caption(html.escape(caption, quote=False))
+            .format(na_rep="", escape="html").format_index(escape="html", axis=1))
 
 
 def _ours_cell(sel: pd.DataFrame, column: str, scale: float, split: list[str]) -> str:

@@ -73,6 +73,23 @@ def test_claims_are_computed_from_the_rows():
     assert verdicts["more effective nodes go with higher accuracy (node-path balance principle)"].startswith("partly (1 of 2)")
 
 
+def test_a_gap_against_a_single_seed_is_never_called_beyond_the_noise():
+    # DPaI one seed, Random three seeds with a tiny spread: the old code took Random's SE alone and called the gap
+    # "beyond 2 SE"; with one seed on a side the noise of the difference is unknown
+    rows = _rows({("random", 0.9): [0.800, 0.801, 0.802], ("dpai", 0.9): [0.78]})
+    stats = A.accuracy_stats(rows)
+    m = A._margin(stats, 0.9, "dpai")
+    assert m is not None and m["gap"] == pytest.approx(-2.1) and math.isnan(m["se"]) and not m["clear"]
+    table = A.claims(stats, A.rank_correlations(rows), S).set_index("claim")
+    assert "-2.10 points vs Random (one seed on a side: noise not estimated)" in table.loc[
+        "DPaI is the most accurate method (Figure 1)", "evidence"]
+    assert table.loc["DPaI is the most accurate method (Figure 1)", "verdict"] == (
+        "does not hold; first by more than 2 SE at 0 of 1")
+    both = A._margin(A.accuracy_stats(_rows({("random", 0.9): [0.70, 0.71, 0.72], ("dpai", 0.9): [0.80, 0.81]})),
+                     0.9, "dpai")
+    assert both is not None and both["se"] == pytest.approx(math.sqrt(1.0 / 3 + 0.5 / 2)) and both["clear"]
+
+
 def test_claims_without_runs_cannot_tell():
     empty = A.accuracy_stats(_rows({}).reindex(columns=["method", "sparsity", "final_test_acc"]))
     verdicts = A.claims(empty, A.rank_correlations(_rows({}).reindex(columns=["method", "sparsity", "final_test_acc",

@@ -26,6 +26,16 @@ def test_mean_std_formats_one_several_and_non_finite_values():
     assert ap.mean_std([-math.inf]) == "-inf"
 
 
+def test_a_table_is_shown_with_its_cells_header_and_caption_html_escaped(monkeypatch):
+    shown = []
+    monkeypatch.setattr(ap, "display", shown.append)
+    ap.show(pd.DataFrame({"p < 0.05": ["rho > 0 with p < 0.05", "<lambda> & co", None]}), "n < 3 & <b>x</b>")
+    page = shown[0].to_html()
+    assert "rho &gt; 0 with p &lt; 0.05" in page and "&lt;lambda&gt; &amp; co" in page and "p &lt; 0.05</th>" in page
+    assert "n &lt; 3 &amp; &lt;b&gt;x&lt;/b&gt;" in page
+    assert "<lambda>" not in page and "<b>" not in page and ">None<" not in page and ">nan<" not in page
+
+
 def test_mask_rows_keep_one_row_per_mask_preferring_the_data_free_run():
     rows = pd.DataFrame([
         {"tier": "paper", "setting": "s", "method": "dpai", "sparsity": 0.9, "seed": 0, "stage": "all",
