@@ -168,6 +168,20 @@ def claims(stats: pd.DataFrame, corr: pd.DataFrame, sparsities: list[float]) -> 
     return pd.DataFrame(out, columns=["claim", "verdict", "evidence"])
 
 
+VERDICT_KINDS = ("holds", "does not hold", "partly", "cannot tell")
+
+
+def tally(verdicts: pd.DataFrame) -> dict[str, int]:
+    """How many of :func:`claims`' verdicts fall in each of :data:`VERDICT_KINDS`, told by the verdict's first
+    words: a verdict carries its kind first and details after it ("holds (rho > 0 with p < 0.05)", "partly (1 of
+    4); first by ..."), so comparing whole strings would miss some."""
+    kinds = [next((k for k in VERDICT_KINDS if v.startswith(k)), None) for v in verdicts["verdict"]]
+    unknown = [v for v, k in zip(verdicts["verdict"], kinds) if k is None]
+    if unknown:
+        raise ValueError(f"verdicts of no known kind {unknown}; known kinds: {', '.join(VERDICT_KINDS)}")
+    return {k: kinds.count(k) for k in VERDICT_KINDS}
+
+
 def load_gpu_check(path: str | Path) -> dict[str, Any] | None:
     """The result file of ``make gpu-check`` (``gpu_check.json``), or None when it does not exist."""
     path = Path(path)

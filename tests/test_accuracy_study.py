@@ -71,6 +71,9 @@ def test_claims_are_computed_from_the_rows():
     assert verdicts["data-free NPB / DPaI match or beat the data-scoring SNIP, Iter-SNIP, GraSP"] == "partly (1 of 2)"
     assert verdicts["every pruner beats a random ERK mask of the same sparsity"] == "partly (1 of 2)"  # NPB < Random at 99 %
     assert verdicts["more effective nodes go with higher accuracy (node-path balance principle)"].startswith("partly (1 of 2)")
+    # partly: best, data-free, random, nodes; does not hold: the margin; paths like nodes (same ranks here)
+    assert A.tally(A.claims(stats, A.rank_correlations(rows), S)) == {"holds": 0, "does not hold": 1, "partly": 5,
+                                                                       "cannot tell": 0}
 
 
 def test_a_gap_against_a_single_seed_is_never_called_beyond_the_noise():
@@ -88,6 +91,25 @@ def test_a_gap_against_a_single_seed_is_never_called_beyond_the_noise():
     both = A._margin(A.accuracy_stats(_rows({("random", 0.9): [0.70, 0.71, 0.72], ("dpai", 0.9): [0.80, 0.81]})),
                      0.9, "dpai")
     assert both is not None and both["se"] == pytest.approx(math.sqrt(1.0 / 3 + 0.5 / 2)) and both["clear"]
+
+
+def test_the_tally_counts_verdicts_by_their_kind_not_their_whole_text():
+    # nodes rise with accuracy at both sparsities (rho = +1 over 4 methods x 3 seeds): "holds (rho > 0 with
+    # p < 0.05)" must count as holding; the page once compared whole strings and said "1 holds" for 2
+    acc = {(m, s): [a + s / 10 + k / 100 for k in range(3)]
+           for s in S for m, a in (("random", 0.5), ("snip", 0.6), ("npb", 0.7), ("dpai", 0.8))}
+    rows = _rows(acc, nodes={"random": 10.0, "snip": 20.0, "npb": 30.0, "dpai": 40.0})
+    verdicts = A.claims(A.accuracy_stats(rows), A.rank_correlations(rows), S)
+    by_claim = verdicts.set_index("claim")["verdict"]
+    assert by_claim["more effective nodes go with higher accuracy (node-path balance principle)"] == (
+        "holds (rho > 0 with p < 0.05)")
+    assert by_claim["DPaI is the most accurate method (Figure 1)"].startswith("holds; ")
+    # every claim holds here; three verdicts carry details after "holds"
+    assert A.tally(verdicts) == {"holds": 6, "does not hold": 0, "partly": 0, "cannot tell": 0}
+    assert A.tally(A.claims(A.accuracy_stats(rows.iloc[:0]), A.rank_correlations(rows.iloc[:0]), S)) == {
+        "holds": 0, "does not hold": 0, "partly": 0, "cannot tell": 6}
+    with pytest.raises(ValueError, match="verdicts of no known kind.*'maybe'"):
+        A.tally(pd.DataFrame({"verdict": ["holds", "maybe"]}))
 
 
 def test_claims_without_runs_cannot_tell():
